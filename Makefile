@@ -1,0 +1,54 @@
+# abcd-edge — two commands on a fresh machine: `make run`, `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/abcd-edge
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test export profile calibrate bench bench-runtime demo-model featurenet evaluate-demo clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[dev,export]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## the main job on the embedded default (torch-free runtime): out/run.png + out/run.json
+run: $(STAMP)
+	$(CLI) run --budget 150ms --out out/run.png --report out/run.json
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+## train the shipped demo denoiser (background-friendly, resumable): export/demo-model/
+demo-model: $(STAMP)
+	$(PY) -m abcd_edge.demo.train --out export/demo-model --steps 6000
+
+featurenet: $(STAMP)
+	$(PY) -m abcd_edge.demo.featurenet --out export/featurenet
+
+## the evidence that the demo model is real: feature-FID vs steps + sample grid
+evaluate-demo: $(STAMP)
+	$(PY) -m abcd_edge.demo.evaluate --out export/demo-model
+
+export: $(STAMP)
+	$(CLI) export --model demo --out export/demo --bench
+
+## the two real CPU tiers of this machine kind
+profile: $(STAMP)
+	$(CLI) profile --artifact export/demo --backend ort-cpu --threads 2 --batch 1,4 --runs 300 --out profiles/cpu-2t.json
+	$(CLI) profile --artifact export/demo --backend ort-cpu --threads 1 --batch 1,4 --runs 300 --out profiles/cpu-1t.json
+
+calibrate: $(STAMP)
+	$(CLI) calibrate --artifact export/demo --profile profiles/cpu-2t.json --profile profiles/cpu-1t.json --samplers ddim,dpmpp-2m,euler --out calibration/demo
+
+bench: $(STAMP)
+	$(CLI) bench --grid quick --out bench/quick
+
+bench-runtime: $(STAMP)
+	$(PY) -m abcd_edge.runtime_bench --out bench/runtime
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,236 @@
+"""Denoisers: one call interface over ONNX Runtime, TensorRT plans and torch.
+
+``denoiser(sample, timestep) -> prediction``. A call in flight can be abandoned
+from another thread (``abandon()``): ONNX Runtime checks ``RunOptions.terminate``
+between kernels; a TensorRT call is simply not waited for. An abandoned call
+raises :class:`Abandoned` in the caller. Nothing here imports torch at module
+level; the torch denoiser is for calibration and tests only.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from abcd_edge.errors import UserError
+
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
+_ORT_PROVIDERS = {
+    "ort-cpu": "CPUExecutionProvider",
+    "ort-cuda": "CUDAExecutionProvider",
+    "ort-trt": "TensorrtExecutionProvider",
+}
+
+
+class Abandoned(RuntimeError):
+    """The denoiser call was abandoned by the deadline guard."""
+
+
+class Denoiser(Protocol):
+    backend: str
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray: ...
+
+    def abandon(self) -> None: ...
+
+
+def backend_unavailable_reason(backend: str) -> str | None:
+    """None when this machine can run ``backend``, else why not."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}"
+    if backend == "trt":
+        try:
+            import tensorrt  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken CUDA install
+            return f"TensorRT is not importable here ({exc.__class__.__name__}: {exc})"
+        return None
+    import onnxruntime as ort
+
+    provider = _ORT_PROVIDERS[backend]
+    if provider not in ort.get_available_providers():
+        return (f"ONNX Runtime here has no {provider} (available: {', '.join(ort.get_available_providers())}); "
+                "see `abcd-edge info`")
+    return None
+
+
+class OrtDenoiser:
+    """An ONNX Runtime session over ``denoiser.onnx``; one call at a time per instance."""
+
+    def __init__(self, onnx_path: str | Path, backend: str = "ort-cpu", threads: int | None = None,
+                 provider_options: dict | None = None):
+        import onnxruntime as ort
+
+        reason = backend_unavailable_reason(backend)
+        if reason or backend == "trt":
+            raise UserError(reason or "backend 'trt' runs a TensorRT plan, not an ONNX file")
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise UserError(f"ONNX file {str(onnx_path)!r} does not exist")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        providers = [(_ORT_PROVIDERS[backend], provider_options or {})]
+        if backend != "ort-cpu":
+            providers.append(("CPUExecutionProvider", {}))
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+        except Exception as exc:
+            raise UserError(f"ONNX Runtime cannot load {str(onnx_path)!r}: {str(exc).splitlines()[0]}") from None
+        self.backend = backend
+        self.threads = threads
+        self.provider_options = provider_options or {}
+        self._inputs = [i.name for i in self.session.get_inputs()]
+        self._lock = threading.Lock()
+        self._run_options: ort.RunOptions | None = None
+        self._ort = ort
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, class_labels: np.ndarray | None = None) -> np.ndarray:
+        feeds = {"sample": np.ascontiguousarray(sample, np.float32),
+                 "timestep": np.ascontiguousarray(timestep, np.float32)}
+        if "class_labels" in self._inputs:
+            if class_labels is None:
+                class_labels = np.zeros(sample.shape[0], np.int64)
+            feeds["class_labels"] = np.ascontiguousarray(class_labels, np.int64)
+        run_options = self._ort.RunOptions()
+        with self._lock:
+            self._run_options = run_options
+        try:
+            return self.session.run(None, feeds, run_options)[0]
+        except Exception as exc:
+            if run_options.terminate:
+                raise Abandoned("denoiser call abandoned by the deadline guard") from None
+            raise RuntimeError(f"denoiser call failed: {exc}") from exc
+        finally:
+            with self._lock:
+                self._run_options = None
+
+    def abandon(self) -> None:
+        with self._lock:
+            if self._run_options is not None:
+                self._run_options.terminate = True
+
+
+class TrtDenoiser:
+    """A serialized TensorRT engine (``denoiser.plan``), executed on its own CUDA stream.
+
+    Lazy imports: ``tensorrt`` and ``cuda`` (cuda-python's runtime bindings). The
+    plan's recorded TensorRT version and GPU must match this machine (checked by
+    the exporter's ``check_trt_plan`` before deserialising). Abandoning a call means
+    no longer waiting on the stream: the caller returns at once and the work
+    finishes in the background before the next call reuses the buffers.
+    """
+
+    def __init__(self, plan_path: str | Path, poll_s: float = 2e-4):
+        try:
+            import tensorrt as trt
+            from cuda import cudart
+        except Exception as exc:
+            raise UserError(f"backend 'trt' needs tensorrt and cuda-python ({exc.__class__.__name__}: {exc})") from None
+        self.backend = "trt"
+        self._trt, self._cudart = trt, cudart
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        if self.engine is None:
+            raise UserError(f"TensorRT could not deserialise {str(plan_path)!r} (built for another GPU or version?)")
+        self.context = self.engine.create_execution_context()
+        self.stream = self._check(cudart.cudaStreamCreate())
+        self.poll_s = poll_s
+        self._abandon = threading.Event()
+        self._buffers: dict[str, tuple[int, int]] = {}
+
+    def _check(self, result):
+        err, *rest = result if isinstance(result, tuple) else (result,)
+        if int(err) != 0:
+            raise RuntimeError(f"CUDA error {err}")
+        return rest[0] if len(rest) == 1 else rest
+
+    def _device_buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self._buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                self._check(self._cudart.cudaFree(ptr))
+            ptr = self._check(self._cudart.cudaMalloc(nbytes))
+            self._buffers[name] = (ptr, nbytes)
+        return ptr
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+        import time
+
+        cudart = self._cudart
+        self._check(cudart.cudaStreamSynchronize(self.stream))  # a previously abandoned call must be done
+        self._abandon.clear()
+        sample = np.ascontiguousarray(sample, np.float32)
+        timestep = np.ascontiguousarray(timestep, np.float32)
+        out = np.empty_like(sample)
+        kind_h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        for name, arr in (("sample", sample), ("timestep", timestep)):
+            ptr = self._device_buffer(name, arr.nbytes)
+            self.context.set_input_shape(name, arr.shape)
+            self._check(cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, kind_h2d, self.stream))
+            self.context.set_tensor_address(name, ptr)
+        out_ptr = self._device_buffer("prediction", out.nbytes)
+        self.context.set_tensor_address("prediction", out_ptr)
+        if not self.context.execute_async_v3(self.stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        self._check(cudart.cudaMemcpyAsync(out.ctypes.data, out_ptr, out.nbytes,
+                                           cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+        while True:
+            status = cudart.cudaStreamQuery(self.stream)[0]
+            if int(status) == 0:
+                return out
+            if self._abandon.is_set():
+                raise Abandoned("TensorRT call abandoned by the deadline guard (stream not waited on)")
+            time.sleep(self.poll_s)
+
+    def abandon(self) -> None:
+        self._abandon.set()
+
+
+class TorchDenoiser:
+    """A diffusers UNet in torch: calibration and tests only (never used by the runtime)."""
+
+    backend = "torch"
+
+    def __init__(self, unet, threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.unet = unet.eval()
+        self._torch = torch
+
+    def __call__(self, sample, timestep):
+        torch = self._torch
+        as_numpy = isinstance(sample, np.ndarray)
+        s = torch.from_numpy(np.asarray(sample, np.float32)) if as_numpy else sample
+        t = torch.from_numpy(np.asarray(timestep, np.float32)) if as_numpy else timestep
+        with torch.set_grad_enabled(not as_numpy and torch.is_grad_enabled()):
+            out = self.unet(s, t).sample
+        return out.numpy() if as_numpy else out
+
+    def abandon(self) -> None:
+        """torch calls cannot be interrupted; calibration never needs it."""
+
+
+def open_denoiser(artifact_dir: str | Path, backend: str = "ort-cpu", threads: int | None = None,
+                  precision: str = "fp32") -> Denoiser:
+    """The runtime's entry point: the artifact's ONNX (or plan) on the chosen backend."""
+    from abcd_edge.manifest import check_trt_plan, load_manifest, load_trt_plan_meta
+
+    artifact_dir = Path(artifact_dir)
+    manifest = load_manifest(artifact_dir)
+    if backend == "trt":
+        meta = load_trt_plan_meta(artifact_dir, manifest)
+        check_trt_plan(manifest)
+        return TrtDenoiser(meta["plan_path"])
+    name = "denoiser.onnx"
+    if precision == "fp16":
+        if not (manifest.fp16 and manifest.fp16.get("usable")):
+            raise UserError(f"artifact {str(artifact_dir)!r} has no usable fp16 model (drift over bound or not exported)")
+        name = "denoiser.fp16.onnx"
+    return OrtDenoiser(artifact_dir / name, backend=backend, threads=threads)

@@ -1,0 +1,170 @@
+"""The `abcd-edge` command: thin click verbs over the library.
+
+Every verb parses, calls one library function and prints; a UserError (bad
+value, path or file) becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from abcd_edge import __version__, paths
+from abcd_edge.errors import UserError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"abcd-edge: error: {exc}", err=True)
+            ctx.exit(2)
+
+
+def _int_list(value: str, flag: str) -> tuple[int, ...]:
+    try:
+        items = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise UserError(f"{flag} {value!r} is not a comma-separated list of integers (e.g. 1,4)") from None
+    if not items or any(v < 1 for v in items):
+        raise UserError(f"{flag} {value!r}: every value must be an integer >= 1")
+    return items
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="abcd-edge")
+def main() -> None:
+    """Anytime, budget-aware diffusion on edge devices.
+
+    \b
+    export    frozen diffusion model -> ONNX (+ TensorRT plan) + manifest
+    profile   measure this device: step latency distribution, FLOP/s, power
+    calibrate train the ABCD controller for an artifact and its profiles
+    run       generate the best image that fits a latency or energy budget
+    bench     the benchmark grid: ABCD vs baselines, tables and plots
+    info      what this machine offers (providers, TensorRT, power meters)
+    """
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def info(as_json: bool) -> None:
+    """What this machine offers: versions, ORT providers, TensorRT, power meters, CPU/GPU."""
+    from abcd_edge.hardware import format_info, machine_info
+
+    facts = machine_info()
+    click.echo(json.dumps(facts, indent=2) if as_json else format_info(facts))
+
+
+@main.command()
+@click.option("--budget", required=True, help="Latency (150ms, 0.2s, 500us) or energy (2J, 500mJ) budget.")
+@click.option("--quality", "rho", default=1.0, show_default=True, type=float,
+              help="rho in [0,1]: 0 fastest, 1 best; the exit policy stops once quality is enough for rho.")
+@click.option("--sampler", default="ddim", show_default=True, help="ddim, dpmpp-2m, euler or consistency.")
+@click.option("--schedule", default="auto", show_default=True,
+              help="auto (controller when calibrated, else uniform), controller, uniform, karras, logsnr.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch", default=1, show_default=True, type=int, help="Images per request.")
+@click.option("--artifact", default=str(paths.DEMO_ARTIFACT_DIR), show_default=True, type=click.Path(),
+              help="Exported artifact folder (denoiser.onnx + manifest.json).")
+@click.option("--profile", default=None, type=click.Path(),
+              help="Device profile JSON; default: the committed one for this device, else a quick measurement.")
+@click.option("--controller", default="auto", show_default=True,
+              help="Calibrated controller folder, 'auto' (calibration/<artifact name>/) or 'none'.")
+@click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu, ort-cuda, ort-trt or trt.")
+@click.option("--threads", default=2, show_default=True, type=int, help="Intra-op threads (ORT).")
+@click.option("--power", default="auto", show_default=True, help="Power meter: auto, jtop, nvml, rapl, none.")
+@click.option("--best-effort", is_flag=True, help="Below the minimum achievable budget, answer anyway (late).")
+@click.option("--requests", default=1, show_default=True, type=int,
+              help="Serve N requests on one warm session (seeds seed..seed+N-1) and report a summary.")
+@click.option("--out", default="out/run.png", show_default=True, type=click.Path(), help="Output PNG.")
+@click.option("--report", default="out/run.json", show_default=True, type=click.Path(), help="Output JSON report.")
+def run(budget, rho, sampler, schedule, seed, batch, artifact, profile, controller, backend, threads, power,
+        best_effort, requests, out, report) -> None:
+    """Generate the best image the device can make before the budget runs out."""
+    from abcd_edge.budget import parse_budget
+    from abcd_edge.serve import serve
+
+    b = parse_budget(budget)
+    if not 0.0 <= rho <= 1.0:
+        raise UserError(f"--quality {rho} is outside [0, 1] (0 fastest, 1 best)")
+    if batch < 1:
+        raise UserError(f"--batch {batch} must be >= 1")
+    if requests < 1:
+        raise UserError(f"--requests {requests} must be >= 1")
+    if threads < 1:
+        raise UserError(f"--threads {threads} must be >= 1")
+    line = serve(budget=b, rho=rho, sampler=sampler, schedule=schedule, seed=seed, batch=batch,
+                 artifact=artifact, profile=profile, controller=None if controller == "none" else controller,
+                 backend=backend, threads=threads, power=power, best_effort=best_effort, requests=requests,
+                 out=Path(out), report=Path(report))
+    click.echo(line)
+
+
+@main.command()
+@click.option("--model", default=None, help="demo, a local diffusers folder, or a Hugging Face id (online).")
+@click.option("--controller", "controller_dir", default=None, type=click.Path(),
+              help="A calibration folder: export its controller to controller.onnx in --out.")
+@click.option("--out", required=True, type=click.Path(), help="Artifact folder to write.")
+@click.option("--resolution", default=None, type=int, help="Sample resolution (default: the model's).")
+@click.option("--batch", default="1,4", show_default=True, help="Batch range as a list, e.g. 1,4.")
+@click.option("--fp16", is_flag=True, help="Also write denoiser.fp16.onnx with its drift measured.")
+@click.option("--trt", is_flag=True, help="Also build denoiser.plan with TensorRT (where installed).")
+@click.option("--opset", default=17, show_default=True, type=int)
+@click.option("--bench", is_flag=True, help="Also print ORT vs torch step latency for the demo and a CIFAR-10-sized UNet.")
+def export(model, controller_dir, out, resolution, batch, fp16, trt, opset, bench) -> None:
+    """Export a frozen denoiser (and/or a calibrated controller) to deployable artifacts."""
+    from abcd_edge import export as exporter
+
+    if model is None and controller_dir is None:
+        raise UserError("export needs --model (demo, a diffusers folder or a hub id) and/or --controller DIR")
+    if model is not None:
+        batches = _int_list(batch, "--batch")
+        manifest = exporter.export_model(model, Path(out), resolution=resolution, batches=batches, fp16=fp16,
+                                         trt=trt, opset=opset)
+        click.echo(f"exported {manifest.name} -> {out}: {manifest.flops_per_step / 1e9:.3f} GFLOP/step, "
+                   f"parity max abs {manifest.parity['max_abs']:.2e}")
+    if controller_dir is not None:
+        from abcd_edge.calibrate import export_controller_onnx
+
+        path, err = export_controller_onnx(Path(controller_dir), Path(out))
+        click.echo(f"controller -> {path} (parity max abs {err:.2e})")
+    if bench:
+        for row in exporter.export_bench():
+            click.echo(json.dumps(row))
+
+
+@main.command()
+@click.option("--artifact", default=str(paths.DEMO_ARTIFACT_DIR), show_default=True, type=click.Path())
+@click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu, ort-cuda, ort-trt or trt.")
+@click.option("--threads", default=2, show_default=True, type=int)
+@click.option("--batch", default="1", show_default=True, help="Batch sizes, e.g. 1,4.")
+@click.option("--runs", default=300, show_default=True, type=int, help="Timed steps per batch (>= 200 for tails).")
+@click.option("--power", default="auto", show_default=True, help="auto, jtop, nvml, rapl or none.")
+@click.option("--out", default=None, type=click.Path(), help="Default: profiles/<device id>.json")
+def profile(artifact, backend, threads, batch, runs, power, out) -> None:
+    """Measure this device for an artifact and write a device profile (JSON)."""
+    from abcd_edge.profiler import measure_profile
+
+    if threads < 1:
+        raise UserError(f"--threads {threads} must be >= 1")
+    command = "abcd-edge profile " + " ".join(sys.argv[2:])
+    prof = measure_profile(Path(artifact), backend=backend, threads=threads, batches=_int_list(batch, "--batch"),
+                           runs=runs, power=power, command=command)
+    target = Path(out) if out else paths.PROFILES_DIR / f"{prof.device_id}.json"
+    prof.save(target)
+    for bp in prof.batches:
+        click.echo(f"batch {bp.batch}: step p50 {bp.step.p50_ms:.3f} ms, p99 {bp.step.p99_ms:.3f} ms, "
+                   f"cv {bp.step.cv:.3f}, {bp.flops_per_s / 1e9:.1f} GFLOP/s, "
+                   f"energy/step {'n/a' if bp.energy_per_step_mj is None else f'{bp.energy_per_step_mj:.2f} mJ'}")
+    click.echo(f"controller decision p99 {prof.controller_decision.p99_ms * 1e3:.1f} us; meter {prof.power.meter}")
+    for w in prof.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"profile -> {target}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""The artifact manifest (``manifest.json``): what was exported, from what, and how well it matches.
+
+Torch-free (stdlib + numpy): the runtime loads it on a Jetson. The exporter
+(``abcd_edge.export``) writes it; everything downstream (profiles, calibrated
+controllers) is tied to one artifact by :func:`manifest_hash`.
+
+Conventions recorded in every manifest:
+
+- ``flops_per_step`` is per sample (batch 1), FLOPs = 2 x MACs, counted from the
+  ONNX graph over Conv, ConvTranspose, MatMul and Gemm nodes (attention is its
+  MatMuls); bias adds, norms and activations are not counted.
+  ``flops_torch`` is ``torch.utils.flop_counter.FlopCounterMode`` on the torch
+  model at batch 1; ``flops_rel_diff = |flops_per_step - flops_torch| / flops_torch``.
+- ``parity``: ORT (CPUExecutionProvider) vs torch eager on fixed random inputs;
+  ``max_rel = max|ort - torch| / max|torch|`` (over all checked outputs).
+- ``files``: sha256 of every portable artifact file (the ONNX models and their
+  external data). The TensorRT plan is device-specific and git-ignored, so its
+  hash lives in ``trt["plan_sha256"]`` and is checked when the plan is present.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from abcd_edge.errors import UserError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MODEL_KINDS = ("unconditional", "class-conditional", "consistency")
+# diffusers names; "consistency" = a consistency-model UNet output F (see TIMESTEP_CONVENTIONS)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "consistency")
+TIMESTEP_CONVENTIONS = {
+    # t in [0, num_train_timesteps): the discrete DDPM index, non-integer t allowed (continuous).
+    "ddpm-index": "timestep = t in [0, num_train_timesteps), fractional allowed; sample fed as is",
+    # diffusers CMStochasticIterativeScheduler: the UNet sees c_in * x and t = 250 * ln(sigma + 1e-44);
+    # x0 = c_skip * x + c_out * F with sigma_data / sigma_min from scheduler_config.
+    "cm-log-sigma": ("timestep = 1000 * 0.25 * ln(sigma + 1e-44); sample fed as x / sqrt(sigma^2 + sigma_data^2); "
+                     "x0 = c_skip x + c_out F, c_skip = sigma_data^2 / ((sigma - sigma_min)^2 + sigma_data^2), "
+                     "c_out = (sigma - sigma_min) sigma_data / sqrt(sigma^2 + sigma_data^2)"),
+}
+FLOPS_CONVENTION = ("per sample (batch 1); FLOPs = 2 x MACs over Conv, ConvTranspose, MatMul, Gemm "
+                    "(attention = its MatMuls); bias, norms, activations not counted")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class Manifest:
+    """``manifest.json`` of one exported denoiser artifact (schema version :data:`SCHEMA_VERSION`)."""
+
+    schema_version: int
+    name: str                               # artifact name (usually the --out folder name)
+    source: str                             # "demo", a local folder, or a Hugging Face id
+    source_hash: str                        # sha256 of the UNet weights file (see source_weights)
+    source_weights: list[str]               # the weights file(s) hashed, relative to the UNet folder
+    model_kind: str                         # one of MODEL_KINDS
+    num_class_embeds: Optional[int]         # set for class-conditional UNets (input class_labels int64 [B])
+    prediction_type: str                    # one of PREDICTION_TYPES
+    timestep_convention: str                # a key of TIMESTEP_CONVENTIONS
+    scheduler_config: dict                  # the diffusers scheduler config (enough for NoiseSchedule.from_config)
+    scheduler_source: str                   # where scheduler_config came from (or "default DDPM ...")
+    alphas_cumprod: Optional[list[float]]   # the schedule the model was trained with (None for consistency)
+    resolution: int
+    channels: int                           # input channels C of sample [B, C, H, W]
+    out_channels: int                       # output channels of prediction
+    batch_min: int
+    batch_max: int
+    batches_checked: list[int]              # batch sizes the parity check ran at
+    inputs: list[dict]                      # [{"name", "dtype", "shape"}], shape entries int or "batch"
+    outputs: list[dict]
+    opset: int
+    external_data: bool                     # True when denoiser.onnx keeps its weights in denoiser.onnx.data
+    files: dict[str, str]                   # artifact file name -> sha256
+    params: int                             # number of UNet parameters
+    flops_per_step: int                     # per sample, from the ONNX graph (FLOPS_CONVENTION)
+    flops_torch: int                        # torch.utils.flop_counter on the torch model, per sample
+    flops_rel_diff: float                   # |flops_per_step - flops_torch| / flops_torch
+    flops_by_op: dict[str, int]             # ONNX count split by op type (+ "attention" share of MatMul)
+    parity: dict                            # {"timesteps", "batches", "max_abs", "max_rel", "tol", "passed"}
+    fp16: Optional[dict]                    # {"file", "method", "io_dtype", "drift_max_abs", "drift_max_rel",
+                                            #  "bound", "usable"} or None
+    trt: Optional[dict]                     # {"plan", "plan_sha256", "tensorrt_version", "gpu_name",
+                                            #  "compute_capability", "precision", "batch_min", "batch_opt",
+                                            #  "batch_max", "workspace_bytes", "timing_cache", ...} or None
+    created_utc: str
+    abcd_edge_version: str
+    torch_version: str
+    onnx_version: str
+    onnxruntime_version: str
+    diffusers_version: str
+    flops_convention: str = FLOPS_CONVENTION
+    notes: list[str] = field(default_factory=list)
+
+    # ----------------------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data, where: str = "manifest") -> "Manifest":
+        from abcd_edge.schema import from_dict
+
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("schema_version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise UserError(f"{where}: field 'schema_version' must be an integer, got {version!r}")
+        if version > SCHEMA_VERSION:
+            raise UserError(f"{where}: schema_version {version} is newer than this abcd-edge reads "
+                            f"({SCHEMA_VERSION}); upgrade abcd-edge or re-export")
+        if version < SCHEMA_VERSION:
+            raise UserError(f"{where}: schema_version {version} is older than this abcd-edge reads "
+                            f"({SCHEMA_VERSION}); re-export the artifact (abcd-edge export)")
+        m = from_dict(cls, data, where)
+        m._validate(where)
+        return m
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "manifest") -> "Manifest":
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{where}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, where)
+
+    def _validate(self, where: str) -> None:
+        def bad(name, msg):
+            raise UserError(f"{where}: field {name!r} {msg}")
+
+        if self.model_kind not in MODEL_KINDS:
+            bad("model_kind", f"is {self.model_kind!r}; accepted: {', '.join(MODEL_KINDS)}")
+        if self.num_class_embeds is not None and self.num_class_embeds < 1:
+            bad("num_class_embeds", f"must be >= 1 or null, got {self.num_class_embeds}")
+        if self.model_kind == "class-conditional" and self.num_class_embeds is None:
+            bad("num_class_embeds", "must be set for a class-conditional model")
+        if self.prediction_type not in PREDICTION_TYPES:
+            bad("prediction_type", f"is {self.prediction_type!r}; accepted: {', '.join(PREDICTION_TYPES)}")
+        if self.timestep_convention not in TIMESTEP_CONVENTIONS:
+            bad("timestep_convention", f"is {self.timestep_convention!r}; accepted: {', '.join(TIMESTEP_CONVENTIONS)}")
+        if self.resolution < 1:
+            bad("resolution", f"must be >= 1, got {self.resolution}")
+        if self.channels < 1 or self.out_channels < 1:
+            bad("channels", "channels and out_channels must be >= 1")
+        if self.batch_min < 1:
+            bad("batch_min", f"must be >= 1, got {self.batch_min}")
+        if self.batch_max < self.batch_min:
+            bad("batch_max", f"({self.batch_max}) must be >= batch_min ({self.batch_min})")
+        if self.opset < 17:
+            bad("opset", f"must be >= 17, got {self.opset}")
+        if not _HEX64.match(self.source_hash):
+            bad("source_hash", "must be a sha256 hex digest")
+        if "denoiser.onnx" not in self.files:
+            bad("files", "must list denoiser.onnx")
+        for fname, digest in self.files.items():
+            if not isinstance(digest, str) or not _HEX64.match(digest):
+                bad("files", f"entry {fname!r} must be a sha256 hex digest")
+            if Path(fname).name != fname:
+                bad("files", f"entry {fname!r} must be a plain file name inside the artifact")
+        if self.flops_per_step <= 0:
+            bad("flops_per_step", f"must be > 0, got {self.flops_per_step}")
+        sc = self.scheduler_config
+        if "num_train_timesteps" not in sc:
+            bad("scheduler_config", "has no num_train_timesteps")
+        if self.timestep_convention == "ddpm-index" and not (
+                self.alphas_cumprod or sc.get("trained_betas") or "beta_schedule" in sc):
+            bad("scheduler_config", "has neither beta_schedule nor trained_betas (and alphas_cumprod is empty)")
+        for key in ("max_abs", "max_rel", "tol"):
+            if not isinstance(self.parity.get(key), (int, float)) or isinstance(self.parity.get(key), bool):
+                bad("parity", f"needs a number {key!r}")
+        if self.fp16 is not None:
+            for key, tp in (("file", str), ("drift_max_abs", (int, float)), ("bound", (int, float)),
+                            ("usable", bool)):
+                if not isinstance(self.fp16.get(key), tp):
+                    bad("fp16", f"needs {key!r} ({getattr(tp, '__name__', 'number')})")
+            if self.fp16["file"] not in self.files:
+                bad("fp16", f"file {self.fp16['file']!r} is not listed in files")
+        if self.trt is not None:
+            for key in ("plan", "plan_sha256", "tensorrt_version", "gpu_name"):
+                if not isinstance(self.trt.get(key), str):
+                    bad("trt", f"needs a string {key!r}")
+            if Path(self.trt["plan"]).name != self.trt["plan"]:
+                bad("trt", "plan must be a plain file name inside the artifact")
+
+    # ----------------------------------------------------------------------------- helpers
+    @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.inputs]
+
+    @property
+    def fp16_usable(self) -> bool:
+        return bool(self.fp16 and self.fp16.get("usable"))
+
+
+# ---------------------------------------------------------------------------------- files
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_hash(artifact_dir: str | os.PathLike) -> str:
+    """sha256 of the ``manifest.json`` bytes: profiles and controllers are tied to an artifact by it."""
+    path = Path(artifact_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise UserError(f"no {MANIFEST_NAME} in {str(artifact_dir)!r}: not an abcd-edge artifact "
+                        "(make one with `abcd-edge export`)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_manifest(artifact_dir: str | os.PathLike, verify_hashes: bool = True) -> Manifest:
+    """Read ``<artifact_dir>/manifest.json``; with ``verify_hashes`` check every listed file's sha256.
+
+    A missing or tampered file is a UserError naming it. A TensorRT plan is checked
+    when present (it is device-specific and git-ignored, so its absence is not an error).
+    """
+    artifact_dir = Path(artifact_dir)
+    if not artifact_dir.is_dir():
+        raise UserError(f"artifact folder {str(artifact_dir)!r} does not exist (make one with `abcd-edge export`)")
+    path = artifact_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise UserError(f"no {MANIFEST_NAME} in {str(artifact_dir)!r}: not an abcd-edge artifact "
+                        "(make one with `abcd-edge export`)")
+    m = Manifest.from_json(path.read_bytes(), where=str(path))
+    if verify_hashes:
+        for fname, digest in m.files.items():
+            f = artifact_dir / fname
+            if not f.is_file():
+                raise UserError(f"artifact {str(artifact_dir)!r} is missing {fname} listed in its manifest; "
+                                "re-export it")
+            if sha256_file(f) != digest:
+                raise UserError(f"{f} does not match its sha256 in {MANIFEST_NAME} (modified or corrupt); "
+                                "re-export the artifact")
+        if m.trt is not None:
+            plan = artifact_dir / m.trt["plan"]
+            if plan.is_file() and sha256_file(plan) != m.trt["plan_sha256"]:
+                raise UserError(f"{plan} does not match its sha256 in {MANIFEST_NAME} (rebuilt elsewhere or "
+                                "corrupt); re-export with --trt")
+    return m
+
+
+# --------------------------------------------------------------------------- TensorRT plans
+def _norm_gpu(name: str) -> str:
+    return " ".join(str(name).replace("NVIDIA ", "").split()).casefold()
+
+
+def detect_gpu() -> dict:
+    """{"gpu_name", "compute_capability", "how"} of GPU 0, best effort, torch-free; name None when unknown.
+
+    Tries NVML (pynvml / nvidia-ml-py), then ``nvidia-smi``, then the Jetson device-tree model.
+    """
+    try:
+        import pynvml  # type: ignore
+
+        pynvml.nvmlInit()
+        try:
+            h = pynvml.nvmlDeviceGetHandleByIndex(0)
+            name = pynvml.nvmlDeviceGetName(h)
+            name = name.decode() if isinstance(name, bytes) else name
+            cc = None
+            try:
+                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+                cc = f"{major}.{minor}"
+            except Exception:
+                pass
+            return {"gpu_name": name, "compute_capability": cc, "how": "nvml"}
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        for query in ("name,compute_cap", "name"):
+            try:
+                out = subprocess.run([smi, f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
+                                     text=True, timeout=10)
+            except Exception:
+                break
+            if out.returncode == 0 and out.stdout.strip():
+                parts = [p.strip() for p in out.stdout.strip().splitlines()[0].split(",")]
+                return {"gpu_name": parts[0], "compute_capability": parts[1] if len(parts) > 1 else None,
+                        "how": "nvidia-smi"}
+    model = Path("/proc/device-tree/model")
+    if model.is_file():
+        try:
+            name = model.read_bytes().rstrip(b"\x00").decode(errors="replace").strip()
+            if name:
+                return {"gpu_name": name, "compute_capability": None, "how": "device-tree"}
+        except OSError:
+            pass
+    return {"gpu_name": None, "compute_capability": None, "how": "none"}
+
+
+def load_trt_plan_meta(artifact_dir: str | os.PathLike, manifest: Manifest | None = None) -> dict:
+    """The manifest's ``trt`` record with ``plan_path`` added; refuses an artifact without a usable plan."""
+    artifact_dir = Path(artifact_dir)
+    m = manifest if manifest is not None else load_manifest(artifact_dir, verify_hashes=False)
+    if m.trt is None:
+        raise UserError(f"artifact {str(artifact_dir)!r} has no TensorRT plan; build one on the target device "
+                        f"with `abcd-edge export --trt --out {artifact_dir}`")
+    plan = artifact_dir / m.trt["plan"]
+    if not plan.is_file():
+        raise UserError(f"{plan} is listed in the manifest but missing (plans are device-specific and not "
+                        f"committed); rebuild it with `abcd-edge export --trt --out {artifact_dir}`")
+    if sha256_file(plan) != m.trt["plan_sha256"]:
+        raise UserError(f"{plan} does not match its sha256 in {MANIFEST_NAME}; rebuild it with --trt")
+    return dict(m.trt, plan_path=str(plan))
+
+
+def check_trt_plan(manifest: Manifest, tensorrt_version: str | None = None, gpu_name: str | None = None,
+                   compute_capability: str | None = None) -> dict:
+    """Refuse (UserError) a plan built for another GPU or TensorRT version; return the trt record if fine.
+
+    Pure over the manifest when ``tensorrt_version`` and ``gpu_name`` are given; when
+    left out they are taken from this machine (``import tensorrt``, :func:`detect_gpu`).
+    A serialized TensorRT engine only loads on the TensorRT version that built it and
+    is tuned for one GPU, so both must match exactly (GPU names compared ignoring case,
+    spacing and an "NVIDIA " prefix; compute capability too when both sides know it).
+    """
+    trt = manifest.trt
+    if trt is None:
+        raise UserError(f"artifact {manifest.name!r} has no TensorRT plan; build one on the target device with "
+                        "`abcd-edge export --trt`")
+    if tensorrt_version is None:
+        try:
+            import tensorrt  # type: ignore
+
+            tensorrt_version = tensorrt.__version__
+        except Exception as exc:
+            raise UserError(f"TensorRT is not installed here (import tensorrt failed: {exc}); the plan in "
+                            f"{manifest.name!r} needs TensorRT {trt['tensorrt_version']}") from None
+    if gpu_name is None:
+        info = detect_gpu()
+        gpu_name = info["gpu_name"]
+        compute_capability = compute_capability or info["compute_capability"]
+        if gpu_name is None:
+            raise UserError(f"cannot tell which GPU this is (no NVML, nvidia-smi or Jetson model); the plan in "
+                            f"{manifest.name!r} was built for {trt['gpu_name']!r}")
+    if str(tensorrt_version) != str(trt["tensorrt_version"]):
+        raise UserError(f"the TensorRT plan in {manifest.name!r} was built with TensorRT {trt['tensorrt_version']} "
+                        f"but this machine has TensorRT {tensorrt_version}; rebuild it here with "
+                        "`abcd-edge export --trt`")
+    if _norm_gpu(gpu_name) != _norm_gpu(trt["gpu_name"]):
+        raise UserError(f"the TensorRT plan in {manifest.name!r} was built for GPU {trt['gpu_name']!r} but this "
+                        f"machine has {gpu_name!r}; rebuild it here with `abcd-edge export --trt`")
+    built_cc = trt.get("compute_capability")
+    if built_cc and compute_capability and str(built_cc) != str(compute_capability):
+        raise UserError(f"the TensorRT plan in {manifest.name!r} was built for compute capability {built_cc} but "
+                        f"this GPU has {compute_capability}; rebuild it here with `abcd-edge export --trt`")
+    return trt

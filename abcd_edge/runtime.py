@@ -1,0 +1,373 @@
+"""The anytime loop: plan, step, exit, deadline guard, report. numpy + onnxruntime only.
+
+A request has a budget B. The loop plans a schedule that fits B at the
+profile's tail, runs the sampler step by step, and before each step checks the
+hard rule  elapsed + predicted next step + finishing > B.  The prediction is the
+profile's tail (or the calibrated cost predictor) times an online correction,
+an EWMA of measured / predicted-median step time kept within and across
+requests. A watchdog abandons a step still running when only the finishing time
+is left, and the image is made from the last x0 estimate: the answer is never
+late because of one slow step. The image is the sampler's x0 estimate, never a
+noisy x_t.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from abcd_edge import paths
+from abcd_edge.budget import Budget, context_vector
+from abcd_edge.errors import UserError
+from abcd_edge.profiler import DeviceProfile
+
+REPORT_SCHEMA_VERSION = 1
+EWMA_ALPHA = 0.3
+GUARD_SLACK_MS = 1.0       # watchdog wake-up + unwinding an abandoned call (OS scheduling, measured ~0.1-0.5 ms)
+RULE_MAX_STEPS = 200       # the rule-based plan never goes past the teacher's step count
+SCHEDULES = ("auto", "controller", "uniform", "karras", "logsnr")
+
+
+@dataclass
+class RequestReport:
+    schema_version: int
+    budget: str
+    budget_kind: str
+    budget_ms: float | None
+    budget_mj: float | None
+    latency_ms: float
+    deadline_met: bool
+    steps: int
+    planned_steps: int
+    exit_reason: str            # budget | quality | guard | done | best-effort
+    sampler: str
+    schedule: str
+    sigmas: list[float]
+    rho: float
+    seed: int
+    batch: int
+    predicted_step_ms: list[float]
+    measured_step_ms: list[float]
+    correction: float
+    energy_mj: float | None
+    avg_power_w: float | None
+    power_meter: str
+    energy_source: str | None
+    clock: str
+    artifact: str
+    manifest_hash: str
+    profile: str
+    profile_device: str
+    controller: str | None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def summary_line(self) -> str:
+        energy = (f"{self.energy_mj:.1f} mJ ({self.power_meter})" if self.energy_mj is not None
+                  else "no power meter")
+        limit = f"{self.budget_ms:.1f} ms" if self.budget_ms is not None else f"{self.budget_mj:.0f} mJ"
+        met = "met" if self.deadline_met else "MISSED"
+        return (f"{self.steps}/{self.planned_steps} steps ({self.sampler}, {self.schedule}), exit: {self.exit_reason}, "
+                f"latency {self.latency_ms:.1f} ms vs budget {limit} ({met}), {energy}")
+
+
+@dataclass
+class CostModel:
+    """Tail latency of the next step and of finishing, with the online correction."""
+
+    step_p50_ms: float
+    step_tail_ms: float
+    finish_tail_ms: float
+    sampler_tail_ms: float
+    decision_tail_ms: float
+    correction: float = 1.0
+
+    def next_step_ms(self) -> float:
+        return self.step_tail_ms * self.correction + self.sampler_tail_ms + self.decision_tail_ms
+
+    def observe(self, measured_ms: float) -> None:
+        ratio = measured_ms / self.step_p50_ms
+        self.correction = (1 - EWMA_ALPHA) * self.correction + EWMA_ALPHA * ratio
+
+    def steps_that_fit(self, available_ms: float) -> int:
+        return max(int((available_ms - self.finish_tail_ms - GUARD_SLACK_MS) // self.next_step_ms()), 0)
+
+
+def find_profile(manifest_hash: str, device: str, search: list[Path]) -> Path | None:
+    """A profile in ``search`` measured for this artifact on this device kind."""
+    for folder in search:
+        for path in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(data, dict) and data.get("manifest_hash") == manifest_hash and data.get("device_id") == device:
+                return path
+    return None
+
+
+class AnytimeRuntime:
+    """A warm session: the artifact's denoiser, its device profile, and the controller if calibrated.
+
+    One instance serves requests one at a time (a lock guards it); use one
+    instance per thread for parallel requests.
+    """
+
+    def __init__(self, artifact_dir: str | Path = paths.DEMO_ARTIFACT_DIR, profile: str | Path | None = None,
+                 controller: str | Path | None = "auto", backend: str = "ort-cpu", threads: int | None = None,
+                 power: str = "auto", clock=None, quick_profile_runs: int = 60):
+        import threading
+
+        from abcd_edge import hardware, telemetry
+        from abcd_edge.backends import open_denoiser
+        from abcd_edge.clock import WallClock
+        from abcd_edge.manifest import load_manifest, manifest_hash
+        from abcd_edge.profiler import load_profile, measure_profile
+        from abcd_edge.schedules import NoiseSchedule
+
+        self.artifact_dir = Path(artifact_dir)
+        if not (self.artifact_dir / "manifest.json").is_file():
+            raise UserError(f"artifact {str(self.artifact_dir)!r} has no manifest.json; "
+                            "export one with `abcd-edge export --model demo --out export/demo`")
+        self.manifest = load_manifest(self.artifact_dir)
+        self.manifest_hash = manifest_hash(self.artifact_dir)
+        self.schedule = NoiseSchedule.from_config(self.manifest.scheduler_config)
+        self.backend, self.threads = backend, threads
+        self.denoiser = open_denoiser(self.artifact_dir, backend=backend, threads=threads)
+        self.notes: list[str] = []
+        device = hardware.device_id(backend, threads)
+        if profile is None:
+            found = find_profile(self.manifest_hash, device, [paths.PROFILES_DIR, paths.user_cache_dir()])
+            if found is None:
+                cache = paths.user_cache_dir() / f"{device}-{self.manifest_hash[:12]}.json"
+                print(f"abcd-edge: no profile for device {device} and this artifact; measuring a quick one "
+                      f"({quick_profile_runs} steps) -> {cache}", file=sys.stderr)
+                measured = measure_profile(self.artifact_dir, backend=backend, threads=threads,
+                                           runs=quick_profile_runs, warmup=10, power=power, progress=False,
+                                           command="(auto quick profile by abcd-edge run)")
+                measured.save(cache)
+                found = cache
+            profile = found
+        self.profile_path = Path(profile)
+        self.profile: DeviceProfile = load_profile(self.profile_path, self.manifest_hash)
+        simulated = clock is not None and getattr(clock, "simulated", False)
+        if self.profile.device_id != device and not simulated:
+            raise UserError(f"profile {str(self.profile_path)!r} was measured on device {self.profile.device_id!r}, "
+                            f"this is {device!r}; a foreign profile is never used to keep deadlines on the wall clock "
+                            "(profile this machine, or replay it on a simulated clock with `abcd-edge bench`)")
+        self.controller = self._load_controller(controller)
+        self.meter = telemetry.open_meter(power if power != "auto" else self.profile.power.meter
+                                          if self.profile.power.meter != "none" else "auto")
+        self.clock = clock or WallClock()
+        self.correction = 1.0
+        self._lock = threading.Lock()
+
+    def _load_controller(self, controller):
+        from abcd_edge.controller import Controller
+
+        if controller is None:
+            return None
+        if controller == "auto":
+            folder = paths.CALIBRATION_DIR / self.manifest.name
+            if not (folder / "controller.json").is_file():
+                self.notes.append(f"no calibrated controller under {folder}; rule-based plan (uniform schedule, "
+                                  "most steps that fit at the profile's p99)")
+                return None
+            try:
+                return Controller.load(folder, self.manifest_hash)
+            except UserError as exc:
+                self.notes.append(f"calibrated controller not used: {exc}")
+                return None
+        return Controller.load(controller, self.manifest_hash)
+
+    # ------------------------------------------------------------------------------------
+    def cost_model(self, batch: int, sampler: str) -> CostModel:
+        bp = self.profile.for_batch(batch)
+        step_tail = bp.step.p99_ms
+        finish_tail = bp.finish.p99_ms
+        if self.controller is not None:
+            from abcd_edge.controller import cost_features
+
+            feats = cost_features(bp.step.p50_ms, bp.step.p99_ms, bp.finish.p50_ms, bp.finish.p99_ms,
+                                  batch, self.backend, 1.0)
+            step_tail, finish_tail = self.controller.predict_cost_ms(feats)
+        return CostModel(step_p50_ms=bp.step.p50_ms, step_tail_ms=step_tail, finish_tail_ms=finish_tail,
+                         sampler_tail_ms=bp.sampler_ms[sampler].p99_ms,
+                         decision_tail_ms=self.profile.controller_decision.p99_ms if self.controller else 0.0,
+                         correction=self.correction)
+
+    def minimum_ms(self, batch: int = 1, sampler: str = "ddim") -> float:
+        """The smallest achievable response: one step + finishing at the tail."""
+        cm = self.cost_model(batch, sampler)
+        return cm.next_step_ms() + cm.finish_tail_ms + GUARD_SLACK_MS
+
+    def plan(self, budget: Budget, rho: float, sampler: str, batch: int, schedule: str) -> tuple[np.ndarray, str, int]:
+        from abcd_edge.samplers import SAMPLER_DESCRIPTORS
+        from abcd_edge.schedules import karras_sigmas, logsnr_uniform_sigmas, time_uniform_sigmas
+
+        cm = self.cost_model(batch, sampler)
+        n = cm.steps_that_fit(self._budget_in_ms(budget, batch))
+        n = min(n, self.manifest.scheduler_config.get("num_train_timesteps", 1000))
+        if schedule == "auto":
+            schedule = "controller" if self.controller is not None else "uniform"
+        if schedule == "controller":
+            if self.controller is None:
+                raise UserError("--schedule controller needs a calibrated controller for this artifact "
+                                "(run `make calibrate`)")
+            ctx = self.context(budget, rho, batch)
+            sigmas = self.controller.plan_sigmas(ctx, SAMPLER_DESCRIPTORS[sampler], max(n, 1),
+                                                 sigma_max=self.schedule.sigma_max)
+            return sigmas, "controller", n
+        n_rule = min(max(n, 1), RULE_MAX_STEPS)
+        fn = {"uniform": time_uniform_sigmas, "karras": karras_sigmas, "logsnr": logsnr_uniform_sigmas}[schedule]
+        return np.asarray(fn(self.schedule, n_rule)), schedule, n
+
+    def context(self, budget: Budget, rho: float, batch: int) -> list[float]:
+        return context_vector(self._budget_in_ms(budget, batch), self.profile.for_batch(batch).flops_per_s, rho)
+
+    def _budget_in_ms(self, budget: Budget, batch: int) -> float:
+        """Latency budgets are ms; an energy budget becomes the time its energy lasts at step power."""
+        if budget.kind == "latency":
+            return budget.ms
+        bp = self.profile.for_batch(batch)
+        if bp.energy_per_step_mj is None:
+            raise UserError(f"energy budget {budget} needs energy per step, but profile "
+                            f"{str(self.profile_path)!r} has none (power meter {self.profile.power.meter!r}); "
+                            "profile on a machine with jtop, NVML or readable RAPL")
+        return budget.mj / bp.energy_per_step_mj * bp.step.p50_ms
+
+    # ------------------------------------------------------------------------------------
+    def generate(self, budget: Budget, rho: float = 1.0, sampler: str = "ddim", seed: int = 0, batch: int = 1,
+                 best_effort: bool = False, schedule: str = "auto", use_exit_policy: bool = True,
+                 ) -> tuple[np.ndarray, RequestReport]:
+        """One request: images uint8 [batch,H,W,3] made before the deadline, and its report."""
+        from abcd_edge.controller import decision_features
+        from abcd_edge.demo.data import to_uint8
+        from abcd_edge.samplers import SAMPLER_DESCRIPTORS, SAMPLER_NAMES, make_sampler
+
+        if sampler not in SAMPLER_NAMES:
+            raise UserError(f"sampler {sampler!r} is unknown; accepted: {', '.join(SAMPLER_NAMES)}")
+        if not 0.0 <= rho <= 1.0:
+            raise UserError(f"quality {rho!r} is outside [0, 1]; 0 is fastest, 1 best")
+        if batch < 1:
+            raise UserError(f"batch {batch} must be >= 1")
+        if schedule not in SCHEDULES:
+            raise UserError(f"schedule {schedule!r} is unknown; accepted: {', '.join(SCHEDULES)}")
+        with self._lock:
+            limit_ms = self._budget_in_ms(budget, batch)
+            minimum = self.minimum_ms(batch, sampler)
+            if limit_ms < minimum and not best_effort:
+                raise UserError(f"budget {budget} is below the smallest achievable response on this device "
+                                f"({minimum:.2f} ms: one step + finishing at the profile's tail); "
+                                "raise the budget or pass --best-effort")
+            sigmas, schedule_name, _ = self.plan(budget, rho, sampler, batch, schedule)
+            rng = np.random.default_rng(seed)
+            shape = (batch, self.manifest.channels, self.manifest.resolution, self.manifest.resolution)
+            noise = rng.standard_normal(shape).astype(np.float32)
+            smp = make_sampler(sampler, self.schedule, sigmas, self.manifest.prediction_type)
+            ctx = self.context(budget, rho, batch) if self.controller is not None else None
+            cm = self.cost_model(batch, sampler)
+            predicted, measured = [], []
+            x0 = np.zeros(shape, np.float32)     # the estimate before any step: the data mean
+            reason = "done"
+
+            self.meter.start()
+            self.clock.start()
+            x = smp.prepare(noise)
+            n = len(smp)
+            for i in range(n):
+                pred = cm.next_step_ms()
+                if (self.clock.elapsed_ms() + pred + cm.finish_tail_ms + GUARD_SLACK_MS > limit_ms
+                        and not (best_effort and i == 0)):
+                    reason = "budget"
+                    break
+                sample, t = smp.model_input(x, i)
+                guard = None if best_effort and i == 0 else limit_ms - cm.finish_tail_ms - GUARD_SLACK_MS
+                out, step_ms = self.clock.run_step(lambda: self.denoiser(sample, t), self.denoiser.abandon, guard)
+                if out is None:
+                    reason = "guard"
+                    break
+                step_noise = rng.standard_normal(shape).astype(np.float32) if smp.stochastic else None
+                x, new_x0 = smp.step(x, i, out, noise=step_noise)
+                change = float(np.mean((new_x0 - x0) ** 2))
+                x0 = new_x0
+                predicted.append(round(pred, 4))
+                measured.append(round(step_ms, 4))
+                cm.observe(step_ms)
+                if self.controller is not None and use_exit_policy and i < n - 1:
+                    h = decision_features(float(smp.sigmas[i]), change, (i + 1) / n,
+                                          self.clock.elapsed_ms() / limit_ms, ctx, SAMPLER_DESCRIPTORS[sampler])
+                    if self.controller.p_stop(h) > self.controller.spec.threshold:
+                        reason = "quality"
+                        break
+            images = to_uint8(np.asarray(x0, np.float32))
+            latency = self.clock.elapsed_ms()
+            reading = self.meter.stop()
+            self.correction = cm.correction
+            if best_effort and reason == "done" and limit_ms < minimum:
+                reason = "best-effort"
+        energy_source = None
+        if reading.energy_mj is not None:
+            energy_source = "meter"
+        elif budget.kind == "energy":
+            energy_source = "profile"
+        report = RequestReport(
+            schema_version=REPORT_SCHEMA_VERSION, budget=str(budget), budget_kind=budget.kind,
+            budget_ms=budget.value if budget.kind == "latency" else None,
+            budget_mj=budget.value if budget.kind == "energy" else None,
+            latency_ms=round(latency, 4),
+            deadline_met=bool(latency <= limit_ms) if budget.kind == "latency" else
+            bool((reading.energy_mj if reading.energy_mj is not None else
+                  len(measured) * self.profile.for_batch(batch).energy_per_step_mj) <= budget.mj),
+            steps=len(measured), planned_steps=len(smp), exit_reason=reason, sampler=sampler,
+            schedule=schedule_name, sigmas=[round(float(s), 6) for s in smp.sigmas], rho=rho, seed=seed,
+            batch=batch, predicted_step_ms=predicted, measured_step_ms=measured,
+            correction=round(cm.correction, 5),
+            energy_mj=reading.energy_mj, avg_power_w=reading.avg_w, power_meter=reading.meter,
+            energy_source=energy_source,
+            clock=("simulated (profile replay)" if self.clock.simulated else
+                   "monotonic, from the call to the image in hand; files are written after the clock stops"),
+            artifact=str(self.artifact_dir), manifest_hash=self.manifest_hash, profile=str(self.profile_path),
+            profile_device=self.profile.device_id,
+            controller=str(paths.CALIBRATION_DIR / self.manifest.name) if self.controller is not None else None,
+            notes=list(self.notes) + list(reading.warnings),
+        )
+        return images, report
+
+    def close(self) -> None:
+        self.clock.close()
+        self.meter.close()
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+    """uint8 [N,H,W,3] -> one uint8 image, near-square grid."""
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for k in range(n):
+        r, q = divmod(k, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[k]
+    return grid
+
+
+def save_png(images: np.ndarray, path: str | Path, scale: int = 4) -> None:
+    """Write the images (a grid when several) as a PNG, upscaled for viewing, atomically."""
+    import io
+
+    from PIL import Image
+
+    from abcd_edge.io import write_bytes_atomic
+
+    img = Image.fromarray(image_grid(images))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())

@@ -1,0 +1,223 @@
+"""Noise schedules (betas -> alphas_cumprod -> sigma) and where to place n sampling steps.
+
+Conventions used throughout the package:
+
+- sigma is the k-diffusion / VE noise level, sigma_t = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]),
+  so that x_VE = x0 + sigma * eps and the VP sample the UNet sees is x_VE / sqrt(1 + sigma^2).
+- A step schedule is n strictly decreasing sigmas: the noise levels at which the denoiser is
+  evaluated. Every sampler goes to sigma = 0 after the last of them.
+- An importance density is a non-negative weight over K equal bins of log-sigma, bin 0 the
+  lowest, bin K-1 the highest.
+
+numpy only: the runtime imports this module on devices without torch. The few functions that
+must also run on torch tensors (for calibration) take the array namespace from their input.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def array_namespace(x: Any) -> ModuleType:
+    """numpy, or torch when x is a torch tensor (found without ever importing torch here)."""
+    if type(x).__module__.split(".")[0] == "torch":
+        return sys.modules["torch"]
+    return np
+
+
+def constant_like(values: Any, like: Any) -> Any:
+    """values as an array of like's kind, dtype and device (numpy array or torch tensor)."""
+    if array_namespace(like) is np:
+        return np.asarray(values, dtype=np.asarray(like).dtype)
+    return like.new_tensor(values)
+
+
+def _linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
+    """torch.linspace(start, end, steps, dtype=float32), value for value.
+
+    Betas are float32 in diffusers, and the model was trained on exactly those, so we build them
+    the same way: float32 end points and step, each point start + step*i (or end - step*(steps-1-i)
+    in the upper half) rounded once.
+    """
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64(np.float32((end32 - start32) / np.float32(steps - 1))) if steps > 1 else 0.0
+    i = np.arange(steps)
+    points = np.where(i < steps // 2, np.float64(start32) + step * i, np.float64(end32) - step * (steps - 1 - i))
+    return points.astype(np.float32)
+
+
+def _cosine_betas(steps: int, max_beta: float = 0.999) -> np.ndarray:
+    """The squaredcos_cap_v2 betas (improved DDPM), as diffusers' betas_for_alpha_bar computes them."""
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return np.array([min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), max_beta) for i in range(steps)],
+                    dtype=np.float32)
+
+
+def _karras_ramp(ramp: np.ndarray, sigma_min: float, sigma_max: float, rho: float) -> np.ndarray:
+    """Karras et al. (2022) eq. 5: sigma at ramp in [0, 1], sigma_max at 0 and sigma_min at 1."""
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """A discrete diffusion noise schedule, held as alphas_cumprod (float64, one per train timestep)."""
+
+    alphas_cumprod: np.ndarray
+
+    def __post_init__(self) -> None:
+        ac = np.asarray(self.alphas_cumprod, dtype=np.float64)
+        if ac.ndim != 1 or len(ac) < 2:
+            raise ValueError(f"alphas_cumprod must be a 1-D array of at least 2 values, got shape {ac.shape}")
+        if not (np.all(ac > 0) and np.all(ac < 1) and np.all(np.diff(ac) < 0)):
+            raise ValueError("alphas_cumprod must lie strictly between 0 and 1 and strictly decrease")
+        ac.setflags(write=False)
+        object.__setattr__(self, "alphas_cumprod", ac)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> NoiseSchedule:
+        """The schedule of a diffusers scheduler config dict, equal to that scheduler's alphas_cumprod.
+
+        Accepts an explicit "alphas_cumprod" list; the beta schedules linear, scaled_linear and
+        squaredcos_cap_v2 (or "trained_betas"); or a consistency-model config (sigma_min, sigma_max,
+        rho and no beta_schedule, as CMStochasticIterativeScheduler), whose Karras sigmas over the
+        train steps become alphas_cumprod = 1 / (1 + sigma^2).
+        """
+        if cfg.get("alphas_cumprod") is not None:
+            return cls(np.asarray(cfg["alphas_cumprod"], dtype=np.float64))
+        steps = int(cfg.get("num_train_timesteps", 1000))
+        if "beta_schedule" not in cfg and "rho" in cfg:
+            ramp = 1 - np.arange(steps) / (steps - 1)  # train step t has the CM's sigma at ramp 1 - t/(T-1)
+            sigmas = _karras_ramp(ramp, cfg.get("sigma_min", 0.002), cfg.get("sigma_max", 80.0), cfg["rho"])
+            return cls(1 / (1 + sigmas ** 2))
+        if cfg.get("rescale_betas_zero_snr"):
+            raise ValueError("rescale_betas_zero_snr=True gives an infinite sigma_max; such schedules are not supported")
+        schedule = cfg.get("beta_schedule", "linear")
+        if cfg.get("trained_betas") is not None:
+            betas = np.asarray(cfg["trained_betas"], dtype=np.float32)
+        elif schedule == "linear":
+            betas = _linspace_float32(cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02), steps)
+        elif schedule == "scaled_linear":
+            betas = _linspace_float32(cfg.get("beta_start", 1e-4) ** 0.5, cfg.get("beta_end", 0.02) ** 0.5, steps) ** 2
+        elif schedule == "squaredcos_cap_v2":
+            betas = _cosine_betas(steps)
+        else:
+            raise ValueError(f"beta_schedule {schedule!r} is not supported; expected one of {', '.join(BETA_SCHEDULES)}")
+        # torch.cumprod accumulates float32 in double and rounds each product to float32
+        return cls(np.cumprod((1 - betas).astype(np.float64)).astype(np.float32).astype(np.float64))
+
+    def to_config(self) -> dict:
+        """A JSON-ready dict that from_config turns back into this exact schedule."""
+        return {"num_train_timesteps": self.num_train_timesteps, "alphas_cumprod": self.alphas_cumprod.tolist()}
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    @property
+    def sigmas(self) -> np.ndarray:
+        """The VE sigma of each train timestep, increasing with t."""
+        return np.sqrt((1 - self.alphas_cumprod) / self.alphas_cumprod)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_of_t(self, t: Any) -> Any:
+        """Sigma at continuous timestep(s) t in [0, T-1], linear in log-sigma between train steps.
+
+        Exact at integer t. Works on numpy arrays, floats and torch tensors (differentiable in t).
+        """
+        xp = array_namespace(t)
+        t = np.asarray(t, dtype=np.float64) if xp is np else (t if t.is_floating_point() else t.double())
+        last = self.num_train_timesteps - 1
+        low = xp.floor(t).clip(0, last)
+        w = t - low
+        low_i = low.astype(np.int64) if xp is np else low.long()
+        sigmas = constant_like(self.sigmas, t)
+        # sigma_low * ratio**w rather than exp(log-interpolation): exact when w == 0
+        return sigmas[low_i] * (sigmas[(low_i + 1).clip(0, last)] / sigmas[low_i]) ** w
+
+    def t_of_sigma(self, sigma: Any) -> Any:
+        """Continuous timestep(s) of sigma, the inverse of sigma_of_t, clamped to [0, T-1].
+
+        Linear interpolation of log-sigma over t, as diffusers' EulerDiscreteScheduler._sigma_to_t.
+        Works on numpy arrays, floats and torch tensors (differentiable in sigma).
+        """
+        xp = array_namespace(sigma)
+        sigma = np.asarray(sigma, dtype=np.float64) if xp is np else sigma
+        log_sigma = xp.log(sigma.clip(1e-10, None))
+        log_sigmas = constant_like(np.log(self.sigmas), log_sigma)
+        low = ((log_sigmas <= log_sigma[..., None]).sum(-1) - 1).clip(0, self.num_train_timesteps - 2)
+        w = ((log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])).clip(0, 1)
+        return low + w
+
+
+def time_uniform_sigmas(schedule: NoiseSchedule, n: int) -> np.ndarray:
+    """n steps evenly spaced in t from T-1 down (diffusers' "trailing" spacing), at integer timesteps."""
+    steps = schedule.num_train_timesteps
+    if not 1 <= n <= steps:
+        raise ValueError(f"n must be between 1 and the {steps} train timesteps, got {n}")
+    return schedule.sigma_of_t(np.round(steps - np.arange(n) * (steps / n)) - 1)
+
+
+def karras_sigmas(schedule: NoiseSchedule, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) spacing from sigma_max to sigma_min inclusive, as k-diffusion's get_sigmas_karras."""
+    return _karras_ramp(np.linspace(0, 1, n), schedule.sigma_min, schedule.sigma_max, rho)
+
+
+def logsnr_uniform_sigmas(schedule: NoiseSchedule, n: int) -> np.ndarray:
+    """n steps at equal decrements of log-sigma from sigma_max, the last one decrement above sigma_min.
+
+    This is what sigmas_from_density gives for a uniform density over [log sigma_min, log sigma_max].
+    """
+    return np.exp(np.linspace(math.log(schedule.sigma_max), math.log(schedule.sigma_min), n + 1)[:-1])
+
+
+def sigmas_from_density(density: Any, n: int, log_sigma_min: float, log_sigma_max: float, xp: ModuleType = np) -> Any:
+    """n decreasing sigmas placed at equal increments of a density's mass, counted from the top.
+
+    density: K non-negative weights (not all zero) over equal bins of log-sigma spanning
+    [log_sigma_min, log_sigma_max], bin 0 the lowest. sigma_0 = exp(log_sigma_max); sigma_i is where
+    the mass above reaches i/n of the total, with the mass spread evenly inside each bin
+    (piecewise-linear inverse CDF). With xp=torch the result is differentiable in density.
+    """
+    mass = xp.flip(density, (0,))  # highest bin first
+    above = xp.cumsum(mass, 0)  # mass above each bin's lower edge
+    targets = above[-1] * constant_like(np.arange(1, n) / n, above)
+    k = len(mass)
+    # the bin where each target is reached; its mass is > 0, so the division is safe
+    j = (above[None, :] < targets[:, None]).sum(1).clip(0, k - 1)
+    fraction = (targets - (above[j] - mass[j])) / mass[j]
+    log_sigmas = log_sigma_max - (j + fraction) * ((log_sigma_max - log_sigma_min) / k)
+    return xp.exp(xp.concatenate([constant_like([log_sigma_max], log_sigmas), log_sigmas]))
+
+
+def density_of_sigmas(sigmas: np.ndarray, k: int, log_sigma_min: float, log_sigma_max: float,
+                      epsilon: float = 1e-3) -> np.ndarray:
+    """A K-bin density (summing to 1) whose sigmas_from_density reproduces sigmas to within a bin.
+
+    Step i of n owns the mass 1/n spread evenly over log-sigma between sigma_i and sigma_{i+1}
+    (the last step down to log_sigma_min); each bin collects what falls in it. Mixed with
+    epsilon of the uniform density so it is strictly positive (a usable KL anchor).
+    """
+    n = len(sigmas)
+    bounds = np.clip(np.log(np.asarray(sigmas, dtype=np.float64)), log_sigma_min, log_sigma_max)
+    edges = np.linspace(log_sigma_min, log_sigma_max, k + 1)
+    # mass above each bin edge; all of it lies above the bottom edge, even a last step at sigma_min
+    above = np.interp(edges, np.append(bounds, log_sigma_min)[::-1], np.arange(n + 1)[::-1] / n)
+    above[0] = 1.0
+    return (1 - epsilon) * (above[:-1] - above[1:]) + epsilon / k

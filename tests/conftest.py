@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny diffusers UNet exported to a real ONNX artifact, and its measured profile."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                 layers_per_block=1, norm_num_groups=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A pipeline-style diffusers folder (unet/ + scheduler/) with random weights."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny-model")
+    UNet2DModel(**TINY_UNET).save_pretrained(root / "unet", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear").save_pretrained(
+        root / "scheduler")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_model_dir, tmp_path_factory) -> Path:
+    from abcd_edge.export import export_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    export_model(str(tiny_model_dir), out, batches=(1, 2), progress=False, threads=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_profile(tiny_artifact, tmp_path_factory) -> Path:
+    """A real (short) profile of the tiny artifact on this machine, 1 thread."""
+    from abcd_edge.profiler import measure_profile
+
+    prof = measure_profile(tiny_artifact, threads=1, batches=(1, 2), runs=40, warmup=5, power="none",
+                           progress=False, command="tests")
+    path = tmp_path_factory.mktemp("profiles") / "tiny.json"
+    prof.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixed_profile(tiny_profile, tmp_path_factory) -> Path:
+    """The measured tiny profile with its latency samples replaced by known values (1.0-1.2 ms steps,
+    0.1 ms finishing): plans become predictable for the exit-rule tests whatever the machine's load."""
+    import json
+
+    from abcd_edge.profiler import DeviceProfile, LatencyStats
+
+    prof = DeviceProfile.from_json(json.loads(tiny_profile.read_text()))
+    for bp in prof.batches:
+        bp.step = LatencyStats.from_samples([1.0 + 0.2 * k / 99 for k in range(100)])
+        bp.finish = LatencyStats.from_samples([0.1] * 50)
+        for name in bp.sampler_ms:
+            bp.sampler_ms[name] = LatencyStats.from_samples([0.01] * 50)
+    prof.controller_decision = LatencyStats.from_samples([0.01] * 50)
+    path = tmp_path_factory.mktemp("profiles") / "fixed.json"
+    prof.save(path)
+    return path

@@ -1,0 +1,185 @@
+"""The anytime loop: real ONNX Runtime on a tiny exported UNet, and fake clocks for the exit rules."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from abcd_edge.backends import Abandoned
+from abcd_edge.budget import parse_budget
+from abcd_edge.errors import UserError
+from abcd_edge.runtime import AnytimeRuntime, RequestReport
+
+
+@pytest.fixture()
+def runtime(tiny_artifact, fixed_profile):
+    rt = AnytimeRuntime(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none")
+    yield rt
+    rt.close()
+
+
+class StepClock:
+    """A fake clock: every denoiser call costs ``step_ms``; nothing else costs anything."""
+
+    simulated = True
+
+    def __init__(self, step_ms):
+        self.step_ms = step_ms
+        self.now = 0.0
+        self.k = 0
+
+    def start(self):
+        self.now, self.k = 0.0, 0
+
+    def elapsed_ms(self):
+        return self.now
+
+    def run_step(self, call, abandon, guard_ms):
+        cost = self.step_ms(self.k) if callable(self.step_ms) else self.step_ms
+        self.k += 1
+        out = call()
+        if guard_ms is not None and self.now + cost > guard_ms:
+            self.now = guard_ms
+            return None, cost
+        self.now += cost
+        return out, cost
+
+    def close(self):
+        pass
+
+
+def test_generate_real_clock_meets_generous_budget(tiny_artifact, tiny_profile):
+    rt = AnytimeRuntime(tiny_artifact, profile=tiny_profile, controller=None, threads=1, power="none")
+    images, rep = rt.generate(parse_budget("5s"), sampler="ddim", seed=3)
+    rt.close()
+    assert images.shape == (1, 8, 8, 3) and images.dtype == np.uint8
+    assert rep.deadline_met and rep.latency_ms <= 5000
+    assert rep.steps == len(rep.measured_step_ms) >= 1
+    assert rep.exit_reason in ("done", "budget")
+    assert rep.power_meter == "none" and rep.energy_mj is None
+
+
+def test_same_seed_same_image_on_a_fixed_clock(tiny_artifact, fixed_profile):
+    rt = AnytimeRuntime(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none",
+                        clock=StepClock(1.0))
+    results = []
+    for seed in (3, 3, 4):
+        rt.correction = 1.0            # the cross-request correction would otherwise change the plan
+        results.append(rt.generate(parse_budget("60ms"), sampler="dpmpp-2m", seed=seed))
+    (a, ra), (b, rb), (c, _) = results
+    assert ra.sigmas == rb.sigmas and np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m", "euler", "consistency"])
+def test_every_sampler_runs(runtime, sampler):
+    images, rep = runtime.generate(parse_budget("300ms"), sampler=sampler, seed=1)
+    assert rep.sampler == sampler and rep.steps >= 1 and images.shape[0] == 1
+
+
+def test_batch_two(runtime):
+    images, rep = runtime.generate(parse_budget("1s"), batch=2)
+    assert images.shape[0] == 2 and rep.batch == 2
+
+
+def test_budget_rule_on_fake_clock(tiny_artifact, fixed_profile):
+    """With 10 ms steps on a simulated clock, the loop stops before a step that would overrun."""
+    clock = StepClock(10.0)
+    rt = AnytimeRuntime(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none", clock=clock)
+    cm = rt.cost_model(1, "ddim")
+    _, rep = rt.generate(parse_budget("100ms"), seed=0)
+    # steps taken: as many as fit while elapsed + predicted + finish <= B, predicted growing with the correction
+    assert rep.exit_reason == "budget"
+    assert rep.latency_ms <= 100
+    elapsed = 0.0
+    for pred in rep.predicted_step_ms:
+        assert elapsed + pred + cm.finish_tail_ms <= 100 + 1e-6
+        elapsed += 10.0
+    assert rep.steps < rep.planned_steps
+    # the online correction learned that steps are slower than the profile said
+    assert rep.correction > 1.5
+
+
+def test_guard_abandons_a_slow_step(tiny_artifact, fixed_profile):
+    rt = AnytimeRuntime(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none")
+    inner = rt.denoiser
+    gate = threading.Event()
+    calls = {"n": 0}
+
+    class Sleepy:
+        backend = "ort-cpu"
+
+        def __call__(self, sample, t):
+            calls["n"] += 1
+            if calls["n"] == 3:           # the third step hangs for 5 s unless abandoned
+                if gate.wait(5.0):
+                    raise Abandoned("abandoned")
+            return inner(sample, t)
+
+        def abandon(self):
+            gate.set()
+
+    rt.denoiser = Sleepy()
+    t0 = time.monotonic()
+    images, rep = rt.generate(parse_budget("150ms"), seed=0)
+    wall = (time.monotonic() - t0) * 1e3
+    rt.close()
+    assert rep.exit_reason == "guard"
+    assert rep.steps == 2
+    assert rep.deadline_met and rep.latency_ms <= 150, rep.latency_ms
+    assert wall < 1000                                   # did not wait for the 5 s step
+    assert images.std() > 0                              # made from the last x0, not blank
+
+
+def test_refuses_below_minimum_and_best_effort(runtime):
+    minimum = runtime.minimum_ms()
+    tiny = parse_budget(f"{minimum / 4:.6f}ms")
+    with pytest.raises(UserError) as e:
+        runtime.generate(tiny)
+    assert f"{minimum:.2f}" in str(e.value) and "--best-effort" in str(e.value)
+    images, rep = runtime.generate(tiny, best_effort=True)
+    assert rep.steps == 1 and images.shape[0] == 1
+
+
+def test_bad_inputs(runtime):
+    with pytest.raises(UserError, match="sampler 'heun'"):
+        runtime.generate(parse_budget("1s"), sampler="heun")
+    with pytest.raises(UserError, match="quality"):
+        runtime.generate(parse_budget("1s"), rho=1.5)
+    with pytest.raises(UserError, match="batch 0"):
+        runtime.generate(parse_budget("1s"), batch=0)
+    with pytest.raises(UserError, match="no batch 3"):
+        runtime.generate(parse_budget("1s"), batch=3)
+    with pytest.raises(UserError, match="energy budget"):
+        runtime.generate(parse_budget("2J"))          # no meter, no energy per step: refused, not guessed
+
+
+def test_foreign_profile_refused_on_wall_clock(tiny_artifact, tiny_profile, tmp_path):
+    data = json.loads(tiny_profile.read_text())
+    data["device_id"] = "gpu-other-device-ort-cuda"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="never used to keep deadlines"):
+        AnytimeRuntime(tiny_artifact, profile=other, controller=None, threads=1, power="none")
+
+
+def test_report_schema(runtime):
+    _, rep = runtime.generate(parse_budget("500ms"))
+    data = json.loads(json.dumps(rep.to_json()))
+    for key in ("budget_ms", "latency_ms", "deadline_met", "steps", "planned_steps", "exit_reason", "power_meter",
+                "energy_mj", "sampler", "schedule", "predicted_step_ms", "measured_step_ms", "manifest_hash", "seed"):
+        assert key in data
+    assert RequestReport(**data) == rep
+    assert "no power meter" in rep.summary_line()
+
+
+def test_runtime_imports_no_torch():
+    code = ("import sys, abcd_edge.runtime, abcd_edge.serve, abcd_edge.cli, abcd_edge.backends, abcd_edge.controller, "
+            "abcd_edge.telemetry, abcd_edge.profiler, abcd_edge.clock, abcd_edge.quality; "
+            "bad = [m for m in ('torch', 'diffusers', 'onnx') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -51,6 +51,8 @@ class CalibrationConfig:
     trace_max_steps: int = 40
     policy_iters: int = 600
     cost_iters: int = 800
+    ays_steps: tuple[int, ...] = (3, 5, 8, 12, 20)
+    ays_iters: int = 30
     l1_kl: float = 0.05
     l2_budget: float = 4.0
     l3_quality: float = 2.0
@@ -204,7 +206,7 @@ class Calibration:
         import torch
         from safetensors.torch import load_file, save_file
 
-        from abcd_edge.samplers import SAMPLER_DESCRIPTORS, make_sampler
+        from abcd_edge.samplers import SAMPLER_DESCRIPTORS
         from abcd_edge.schedules import sigmas_from_density
 
         state = self._ckpt_file("wg.json")
@@ -215,13 +217,6 @@ class Calibration:
         losses = self.curves.setdefault("wg_loss", [])
         opt = torch.optim.Adam(self.model.wg.parameters(), lr=self.cfg.wg_lr)
         anchor = torch.as_tensor(self.anchor(), dtype=torch.float32)
-        teacher = torch.from_numpy(self.teacher_train)
-        noise_all = torch.from_numpy(self.noise_train)
-        unet = self.unet
-
-        def denoise(sample, t):
-            return unet(sample.float(), t.float()).sample
-
         bar = self._bar(self.cfg.wg_iters, "weights")
         bar.update(done)
         for it in range(done, self.cfg.wg_iters):
@@ -231,13 +226,7 @@ class Calibration:
             density = self.model.normalised_density(cz)[0]
             sigmas = sigmas_from_density(density.double(), n, self.spec.log_sigma_min,
                                          self.spec.log_sigma_max, xp=torch)
-            idx = torch.from_numpy(self.rng.choice(len(noise_all), self.cfg.wg_batch, replace=False))
-            smp = make_sampler(sampler, self.schedule, sigmas, self.manifest.prediction_type)
-            x = smp.prepare(noise_all[idx].double())
-            for i in range(n):
-                model_in, t = smp.model_input(x, i)
-                x, x0 = smp.step(x, i, denoise(model_in, t).double(), noise=None)
-            mse = ((x0 - teacher[idx].double()) ** 2).mean()
+            mse = self.rollout_mse(sampler, sigmas)
             w = density / density.sum()
             kl = (w * (w / anchor).log()).sum()
             loss = mse.log() + self.cfg.l1_kl * kl
@@ -245,7 +234,7 @@ class Calibration:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.wg.parameters(), 1.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             if (it + 1) % 25 == 0 or it + 1 == self.cfg.wg_iters:
@@ -254,6 +243,52 @@ class Calibration:
                 with atomic_path(state) as p:
                     p.write_text(json.dumps({"iter": it + 1, "losses": losses}))
         bar.close()
+
+    def rollout_mse(self, sampler: str, sigmas):
+        """Teacher MSE of the n-step result from a random batch of training noises, differentiable in sigmas."""
+        import torch
+
+        from abcd_edge.samplers import make_sampler
+
+        idx = torch.from_numpy(self.rng.choice(len(self.noise_train), self.cfg.wg_batch, replace=False))
+        smp = make_sampler(sampler, self.schedule, sigmas, self.manifest.prediction_type)
+        x = smp.prepare(torch.from_numpy(self.noise_train)[idx].double())
+        for i in range(len(smp)):
+            model_in, t = smp.model_input(x, i)
+            x, x0 = smp.step(x, i, self.unet(model_in.float(), t.float()).sample.double(), noise=None)
+        return ((x0 - torch.from_numpy(self.teacher_train)[idx].double()) ** 2).mean()
+
+    def train_ays(self) -> dict:
+        """AYS-like baseline: one static density per (sampler, n), optimised against the teacher,
+        with no budget conditioning (the bench's ``ays`` method). Same rollout, same KL anchor."""
+        import torch
+
+        from abcd_edge.schedules import sigmas_from_density
+
+        f = self._ckpt_file("ays.json")
+        table = json.loads(f.read_text()) if f.exists() else {}
+        anchor = torch.as_tensor(self.anchor(), dtype=torch.float64)
+        todo = [(s, n) for s in self.cfg.samplers for n in self.cfg.ays_steps if str(n) not in table.get(s, {})]
+        bar = self._bar(len(todo) * self.cfg.ays_iters, "ays")
+        for sampler, n in todo:
+            logits = anchor.log().clone().requires_grad_(True)
+            opt = torch.optim.Adam([logits], lr=0.05)
+            for _ in range(self.cfg.ays_iters):
+                density = logits.softmax(0)
+                sigmas = sigmas_from_density(density, n, self.spec.log_sigma_min, self.spec.log_sigma_max, xp=torch)
+                kl = (density * (density / anchor).log()).sum()
+                loss = self.rollout_mse(sampler, sigmas).log() + self.cfg.l1_kl * kl
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                bar.update(1)
+            density = logits.softmax(0).detach().numpy()
+            sig = sigmas_from_density(density, n, self.spec.log_sigma_min, self.spec.log_sigma_max)
+            table.setdefault(sampler, {})[str(n)] = {"density": density.tolist(), "sigmas": sig.tolist()}
+            with atomic_path(f) as p:
+                p.write_text(json.dumps(table))
+        bar.close()
+        return table
 
     def numpy_controller(self) -> Controller:
         return Controller(self.spec, self.model.numpy_weights())
@@ -352,7 +387,7 @@ class Calibration:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update(1)
         bar.close()
 
@@ -378,13 +413,13 @@ class Calibration:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update(1)
         bar.close()
 
     # ------------------------------------------------------------------------------- evaluation
-    def validate_schedules(self) -> dict:
-        """Teacher MSE on validation noises: learned schedule vs uniform, Karras, log-SNR at equal n."""
+    def validate_schedules(self, ays: dict) -> dict:
+        """Teacher MSE on validation noises: learned schedule vs uniform, Karras, log-SNR (and AYS-like) at equal n."""
         from abcd_edge.quality import teacher_distance
         from abcd_edge.samplers import SAMPLER_DESCRIPTORS
         from abcd_edge.schedules import karras_sigmas, logsnr_uniform_sigmas, time_uniform_sigmas
@@ -399,6 +434,8 @@ class Calibration:
                 schedules = {"learned": ctl.plan_sigmas(self.context(budget, prof, 1.0), SAMPLER_DESCRIPTORS[sampler], n),
                              "uniform": time_uniform_sigmas(self.schedule, n), "karras": karras_sigmas(self.schedule, n),
                              "logsnr": logsnr_uniform_sigmas(self.schedule, n)}
+                if str(n) in ays.get(sampler, {}):
+                    schedules["ays"] = np.asarray(ays[sampler][str(n)]["sigmas"])
                 row = {}
                 for name, sig in schedules.items():
                     x0, _ = self.run_ort(sampler, sig, self.noise_val)
@@ -421,7 +458,7 @@ class Calibration:
             sig = ctl.plan_sigmas(ctx, SAMPLER_DESCRIPTORS[sampler], n)
             _, x0s = self.run_ort(sampler, sig, self.noise_val[:16], keep_x0=True)
             stops = []
-            for j in range(16):
+            for j in range(len(x0s[0])):
                 prev = np.zeros_like(x0s[0][j])
                 stop = n
                 for t in range(n - 1):
@@ -461,20 +498,21 @@ class Calibration:
         traces = self.traces()
         self.train_policy(traces)
         self.train_cost()
+        ays = self.train_ays()
         report = {
             "command": "", "artifact": str(self.artifact), "manifest_hash": self.manifest_hash,
             "profiles": self.profile_paths, "config": asdict(self.cfg),
             "parameters": self.spec.n_parameters(),
             "final_losses": {k: float(np.mean(v[-20:])) for k, v in self.curves.items()},
-            "validation_teacher_mse": self.validate_schedules(),
+            "validation_teacher_mse": self.validate_schedules(ays),
             "exit_behaviour": self.exit_behaviour(),
             "cost_predictor": self.cost_error(),
         }
         report["wall_minutes"] = round((time.monotonic() - t0) / 60, 2)
-        self.write(report)
+        self.write(report, ays)
         return report
 
-    def write(self, report: dict) -> None:
+    def write(self, report: dict, ays: dict) -> None:
         from safetensors.numpy import save_file
 
         meta = ControllerMeta(schema_version=SCHEMA_VERSION, spec=asdict(self.spec),
@@ -488,6 +526,9 @@ class Calibration:
             onnx_path, err = export_controller_onnx_model(self.model, tmp)
             report["onnx_parity_max_abs"] = err
             write_json_atomic(tmp / "report.json", report)
+            write_json_atomic(tmp / "ays.json", {"note": "AYS-like static schedules per (sampler, n), optimised "
+                                                 "against the 200-step teacher, no budget conditioning",
+                                                 "manifest_hash": self.manifest_hash, "schedules": ays})
             plot_curves(self, tmp / "curves.png")
         import shutil
 

@@ -166,5 +166,43 @@ def profile(artifact, backend, threads, batch, runs, power, out) -> None:
     click.echo(f"profile -> {target}")
 
 
+@main.command()
+@click.option("--artifact", default=str(paths.DEMO_ARTIFACT_DIR), show_default=True, type=click.Path())
+@click.option("--profile", "profiles", multiple=True, type=click.Path(),
+              help="Device profile(s) of this artifact (repeat). Default: the committed profiles for it.")
+@click.option("--samplers", default="ddim,dpmpp-2m,euler", show_default=True)
+@click.option("--out", default=None, type=click.Path(), help="Default: calibration/<artifact name>")
+@click.option("--iters", default=None, type=int, help="Weight-generator iterations (default 300).")
+@click.option("--threads", default=2, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+def calibrate(artifact, profiles, samplers, out, iters, threads, seed) -> None:
+    """Train the ABCD controller (schedule, exit policy, cost predictor) for an artifact."""
+    import dataclasses
+
+    from abcd_edge.calibrate import CalibrationConfig, calibrate as run_calibration
+    from abcd_edge.manifest import load_manifest, manifest_hash
+
+    manifest = load_manifest(Path(artifact))
+    if not profiles:
+        from abcd_edge.runtime import profiles_for
+
+        profiles = profiles_for(manifest_hash(Path(artifact)))
+        if not profiles:
+            raise UserError(f"no profile under {paths.PROFILES_DIR} matches artifact {artifact!r}; "
+                            "measure one with `abcd-edge profile` or pass --profile")
+    names = tuple(s for s in samplers.split(",") if s)
+    config = CalibrationConfig(samplers=names, threads=threads, seed=seed)
+    if iters is not None:
+        if iters < 1:
+            raise UserError(f"--iters {iters} must be >= 1")
+        config = dataclasses.replace(config, wg_iters=iters)
+    target = Path(out) if out else paths.CALIBRATION_DIR / manifest.name
+    report = run_calibration(Path(artifact), [Path(p) for p in profiles], target, config,
+                             command="abcd-edge calibrate " + " ".join(sys.argv[2:]))
+    click.echo(f"controller ({report['parameters']} parameters) -> {target} in {report['wall_minutes']} min")
+    for key, row in report["validation_teacher_mse"].items():
+        click.echo(f"  teacher MSE {key}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+
+
 if __name__ == "__main__":
     main()

@@ -587,9 +587,12 @@ class _Stages:
             self.done = i
         self.bar.set_description(f"export: {name}")
 
-    def close(self) -> None:
+    def finish(self) -> None:
         self.bar.update(len(STAGES) - self.done)
         self.done = len(STAGES)
+        self.bar.set_description("export: done")
+
+    def close(self) -> None:
         self.bar.close()
 
 
@@ -705,6 +708,7 @@ def _export_loaded(loaded: LoadedModel, out: Path, resolution: int | None, batch
         umask = os.umask(0o022)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700; an artifact folder is as readable as any other
+    bar.finish()
     return manifest
 
 

@@ -99,17 +99,19 @@ class CostModel:
         return max(int((available_ms - self.finish_tail_ms - GUARD_SLACK_MS) // self.next_step_ms()), 0)
 
 
-def find_profile(manifest_hash: str, device: str, search: list[Path]) -> Path | None:
-    """A profile in ``search`` measured for this artifact on this device kind."""
-    for folder in search:
+def profiles_for(manifest_hash: str, device: str | None = None, search: list[Path] | None = None) -> list[Path]:
+    """Profiles in ``search`` (default: profiles/) measured for this artifact (and device kind, if given)."""
+    found = []
+    for folder in search or [paths.PROFILES_DIR]:
         for path in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
             try:
                 data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
                 continue
-            if isinstance(data, dict) and data.get("manifest_hash") == manifest_hash and data.get("device_id") == device:
-                return path
-    return None
+            if (isinstance(data, dict) and data.get("manifest_hash") == manifest_hash
+                    and (device is None or data.get("device_id") == device)):
+                found.append(path)
+    return found
 
 
 class AnytimeRuntime:
@@ -143,7 +145,8 @@ class AnytimeRuntime:
         self.notes: list[str] = []
         device = hardware.device_id(backend, threads)
         if profile is None:
-            found = find_profile(self.manifest_hash, device, [paths.PROFILES_DIR, paths.user_cache_dir()])
+            matches = profiles_for(self.manifest_hash, device, [paths.PROFILES_DIR, paths.user_cache_dir()])
+            found = matches[0] if matches else None
             if found is None:
                 cache = paths.user_cache_dir() / f"{device}-{self.manifest_hash[:12]}.json"
                 print(f"abcd-edge: no profile for device {device} and this artifact; measuring a quick one "

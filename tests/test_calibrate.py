@@ -1,0 +1,121 @@
+"""The controller and a tiny end-to-end calibration (tiny UNet, real ONNX artifact, real profile)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from abcd_edge.budget import parse_budget
+from abcd_edge.controller import Controller, ControllerSpec, cost_features, decision_features, torch_controller
+from abcd_edge.errors import UserError
+
+
+def test_parameter_count_in_range():
+    spec = ControllerSpec()
+    model = torch_controller(spec)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == spec.n_parameters()
+    assert 10_000 <= n <= 25_000
+
+
+def test_density_nonnegative_and_placement_monotone():
+    ctl = Controller.random_init(seed=1)
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        ctx, z = rng.normal(size=3).tolist(), rng.normal(size=6).tolist()
+        d = ctl.density(ctx, z)
+        assert d.shape == (ctl.spec.k_bins,) and (d > 0).all()
+        sig = ctl.plan_sigmas(ctx, z, 7)
+        assert len(sig) == 7 and np.all(np.diff(sig) < 0)
+
+
+def test_torch_numpy_twin_parity():
+    import torch
+
+    model = torch_controller(ControllerSpec())
+    twin = Controller(model.spec, model.numpy_weights())
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        cz = rng.normal(size=(1, 9)).astype(np.float32)
+        h = decision_features(2.0, 0.01, 0.4, 0.3, cz[0, :3], cz[0, 3:])
+        f = cost_features(5.0, 6.5, 0.2, 0.3, 1, "ort-cpu", 1.1)
+        with torch.no_grad():
+            d, logit, cost = model(torch.from_numpy(cz), torch.from_numpy(h), torch.from_numpy(f))
+        assert np.abs(twin.density(cz[0, :3], cz[0, 3:]) - d.numpy()[0]).max() <= 1e-5
+        assert abs(twin.p_stop(h) - torch.sigmoid(logit).item()) <= 1e-5
+        assert np.allclose(np.log(twin.predict_cost_ms(f)), cost.numpy()[0], atol=1e-5)
+
+
+def test_inverse_cdf_placement_differentiable():
+    import torch
+
+    from abcd_edge.schedules import sigmas_from_density
+
+    d = torch.rand(16, dtype=torch.float64) + 0.1
+    d.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda w: sigmas_from_density(w, 5, -4.0, 4.0, xp=torch), (d,))
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_artifact, tiny_model_dir, fixed_profile, tmp_path_factory):
+    from diffusers import UNet2DModel
+
+    from abcd_edge.calibrate import CalibrationConfig, calibrate
+
+    unet = UNet2DModel.from_pretrained(tiny_model_dir / "unet").eval().requires_grad_(False)
+    out = tmp_path_factory.mktemp("cal") / "tiny"
+    cfg = CalibrationConfig(samplers=("ddim",), train_noises=16, val_noises=8, wg_iters=40, wg_batch=4,
+                            n_train_max=4, trace_contexts=12, trace_batch=4, trace_max_steps=8, policy_iters=40,
+                            cost_iters=60, ays_steps=(3,), ays_iters=5, threads=1)
+    report = calibrate(tiny_artifact, [fixed_profile], out, cfg, progress=False, unet=unet)
+    return out, report
+
+
+def test_tiny_calibration_end_to_end(calibrated, tiny_artifact):
+    from abcd_edge.manifest import manifest_hash
+
+    out, report = calibrated
+    for name in ("controller.safetensors", "controller.json", "controller.onnx", "report.json", "curves.png", "ays.json"):
+        assert (out / name).is_file(), name
+    assert report["onnx_parity_max_abs"] <= 1e-5
+    ctl = Controller.load(out, manifest_hash(tiny_artifact))
+    assert ctl.spec.n_parameters() == report["parameters"]
+    # the learned schedule beats time-uniform on its own training contexts (teacher MSE)
+    wg = report["final_losses"]["wg_loss"]
+    assert np.isfinite(wg)
+    rows = report["validation_teacher_mse"]
+    assert any(r["learned"] < r["uniform"] for r in rows.values()), rows
+
+
+def test_controller_from_another_artifact_refused(calibrated):
+    out, _ = calibrated
+    with pytest.raises(UserError, match="another artifact"):
+        Controller.load(out, "f" * 64)
+
+
+def test_runtime_uses_controller_and_keeps_hard_rule(calibrated, tiny_artifact, fixed_profile):
+    from abcd_edge.runtime import AnytimeRuntime
+    from tests.test_runtime import StepClock
+
+    out, _ = calibrated
+    rt = AnytimeRuntime(tiny_artifact, profile=fixed_profile, controller=out, threads=1, power="none",
+                        clock=StepClock(3.0))
+    _, rep = rt.generate(parse_budget("40ms"), rho=1.0)
+    assert rep.schedule == "controller" and rep.controller is not None
+    assert rep.latency_ms <= 40 and rep.exit_reason in ("budget", "quality", "done")
+
+
+def test_calibrate_bad_input(tiny_artifact, fixed_profile, tmp_path):
+    from abcd_edge.calibrate import CalibrationConfig, calibrate
+
+    with pytest.raises(UserError, match="empty"):
+        calibrate(tiny_artifact, [fixed_profile], tmp_path / "c", CalibrationConfig(samplers=()), progress=False)
+    with pytest.raises(UserError, match="at least one --profile"):
+        calibrate(tiny_artifact, [], tmp_path / "c", CalibrationConfig(), progress=False)
+    data = json.loads(fixed_profile.read_text())
+    data["manifest_hash"] = "0" * 64
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="another artifact"):
+        calibrate(tiny_artifact, [other], tmp_path / "c", CalibrationConfig(), progress=False)

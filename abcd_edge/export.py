@@ -408,13 +408,15 @@ def _export_onnx(module, args, path: Path, input_names: list[str], opset: int, e
     return used
 
 
-def _ort_session(path: Path, threads: int):
+def _ort_session(path: Path, threads: int, spinning: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not spinning:  # idle ORT workers would otherwise spin on the cores torch's next call needs
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -778,7 +780,10 @@ def export_bench(models=("demo", "cifar10-shaped"), threads: int = 2, runs: int 
                  progress: bool = True) -> list[dict]:
     """ORT CPU vs torch eager median step latency (batch 1, same process and threads), FLOPs/step, parity.
 
-    Runs are interleaved (ORT, torch, ORT, ...) so background load hits both alike.
+    Calls are interleaved (ORT, torch, ORT, ...) so background load hits both alike, and
+    ORT's idle workers do not spin (they would steal the cores torch's next call needs).
+    The 1-minute load average before and after is recorded: on a busy machine the
+    absolute figures mean little, the ratio somewhat more.
     """
     import onnxruntime
     import torch
@@ -796,8 +801,9 @@ def export_bench(models=("demo", "cifar10-shaped"), threads: int = 2, runs: int 
                                           fp16_bound=FP16_DRIFT_BOUND, external_data=None)
             finally:
                 bar.close()
-            session = _ort_session(out / ONNX_NAME, threads)
+            session = _ort_session(out / ONNX_NAME, threads, spinning=False)
             module = _wrapper(loaded.unet, False)
+            load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             feed = _parity_inputs(loaded, manifest.resolution, [1], (500.5,))[0]
             t_ort, t_torch = [], []
             for i in range(warmup + runs):
@@ -817,6 +823,7 @@ def export_bench(models=("demo", "cifar10-shaped"), threads: int = 2, runs: int 
             "parity_max_rel": manifest.parity["max_rel"], "ort_median_ms": ort_ms, "torch_median_ms": torch_ms,
             "ort_over_torch": ort_ms / torch_ms, "ort_gflops_per_s": manifest.flops_per_step / ort_ms / 1e6,
             "threads": threads, "runs": runs, "batch": 1, "cpu": _cpu_name(), "cores": os.cpu_count(),
+            "ort_spinning": False, "load_avg_1min": [load_before, os.getloadavg()[0] if load_before is not None else None],
             "torch_version": torch.__version__, "onnxruntime_version": onnxruntime.__version__,
         })
     return results

@@ -50,7 +50,8 @@ class RequestReport:
     rho: float
     seed: int
     batch: int
-    predicted_step_ms: list[float]
+    predicted_step_ms: list[float]     # the tail the hard rule used (incl. sampler + decision time)
+    predicted_median_step_ms: list[float]  # profile p50 x the online correction (denoiser only)
     measured_step_ms: list[float]
     correction: float
     energy_mj: float | None
@@ -276,7 +277,7 @@ class AnytimeRuntime:
             smp = make_sampler(sampler, self.schedule, sigmas, self.manifest.prediction_type)
             ctx = self.context(budget, rho, batch) if self.controller is not None else None
             cm = self.cost_model(batch, sampler)
-            predicted, measured = [], []
+            predicted, predicted_median, measured = [], [], []
             x0 = np.zeros(shape, np.float32)     # the estimate before any step: the data mean
             reason = "done"
 
@@ -301,6 +302,7 @@ class AnytimeRuntime:
                 change = float(np.mean((new_x0 - x0) ** 2))
                 x0 = new_x0
                 predicted.append(round(pred, 4))
+                predicted_median.append(round(cm.step_p50_ms * cm.correction, 4))
                 measured.append(round(step_ms, 4))
                 cm.observe(step_ms)
                 if self.controller is not None and use_exit_policy and i < n - 1:
@@ -330,7 +332,8 @@ class AnytimeRuntime:
                   len(measured) * self.profile.for_batch(batch).energy_per_step_mj) <= budget.mj),
             steps=len(measured), planned_steps=len(smp), exit_reason=reason, sampler=sampler,
             schedule=schedule_name, sigmas=[round(float(s), 6) for s in smp.sigmas], rho=rho, seed=seed,
-            batch=batch, predicted_step_ms=predicted, measured_step_ms=measured,
+            batch=batch, predicted_step_ms=predicted,
+            predicted_median_step_ms=predicted_median, measured_step_ms=measured,
             correction=round(cm.correction, 5),
             energy_mj=reading.energy_mj, avg_power_w=reading.avg_w, power_meter=reading.meter,
             energy_source=energy_source,

@@ -93,7 +93,8 @@ class Sampler:
         sigmas = np.asarray(sigmas, dtype=np.float64) if on_numpy else sigmas
         values = (sigmas if on_numpy else sigmas.detach().cpu().numpy()).tolist()
         if sigmas.ndim != 1 or not values or values[-1] <= 0 or any(a <= b for a, b in zip(values, values[1:])):
-            raise ValueError(f"sigmas must be a non-empty 1-D list of positive, strictly decreasing values, got {values}")
+            raise ValueError(f"sigmas must be a non-empty 1-D list of positive, strictly decreasing values, "
+                             f"got {values}")
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.sigmas = sigmas
@@ -127,7 +128,13 @@ class Sampler:
         return sample, _per_sample(self.timesteps[i], x)
 
     def denoised(self, x: Any, i: int, model_output: Any) -> Any:
-        """x0, the clean-image estimate in data space, from the model output at step i."""
+        """x0, the clean-image estimate in data space, from the model output at step i,
+        clipped to the schedule's ``clip_sample`` range when it has one (as diffusers' DDIM)."""
+        x0 = self._x0(x, i, model_output)
+        clip = self.schedule.clip_sample
+        return x0 if clip is None else x0.clip(-clip, clip)
+
+    def _x0(self, x: Any, i: int, model_output: Any) -> Any:
         sigma, scale = self.sigma(i), self.scale(self.sigma(i))
         if self.prediction_type == "epsilon":
             return (x - (scale * sigma) * model_output) / scale
@@ -153,7 +160,8 @@ class DDIM(Sampler):
     name = "ddim"
     vp_state = True
 
-    def __init__(self, schedule: NoiseSchedule, sigmas: Any, prediction_type: str = "epsilon", eta: float = 0.0) -> None:
+    def __init__(self, schedule: NoiseSchedule, sigmas: Any, prediction_type: str = "epsilon",
+                 eta: float = 0.0) -> None:
         super().__init__(schedule, sigmas, prediction_type)
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
@@ -166,7 +174,9 @@ class DDIM(Sampler):
         if i == len(self) - 1:
             return x0, x0  # sigma_next = 0: every term but alpha_next * x0 vanishes
         alpha, alpha_next = alpha_of_sigma(sigma), alpha_of_sigma(sigma_next)
-        eps = (x - alpha * x0) / (alpha * sigma)
+        # the direction uses the unclipped estimate's noise, as diffusers' DDIM (use_clipped_model_output=False)
+        eps = model_output if self.prediction_type == "epsilon" else (
+            (x - alpha * self._x0(x, i, model_output)) / (alpha * sigma))
         # DDIM eq. 12 and 16 with s = alpha * sigma: std = eta * s_next * sqrt(1 - (sigma_next / sigma)^2),
         # and the eps direction keeps the rest of s_next^2
         s_next, shrink = alpha_next * sigma_next, 1 - (sigma_next / sigma) ** 2
@@ -200,9 +210,10 @@ class DPMSolverPP2M(Sampler):
             r = _log(sigma_prev / sigma) / _log(sigma / sigma_next)  # h_{i-1} / h_i, h = step in log-SNR
             d = x0 + (x0 - x0_prev) / (2 * r)
         self._previous = (sigma, x0)
-        # exp(-h) = sigma_next / sigma; VP noise scale s = alpha * sigma
+        # x_next = (s_next / s) x - alpha_next (exp(-h) - 1) d, with exp(-h) = sigma_next / sigma, s = alpha * sigma
         alpha_next = alpha_of_sigma(sigma_next)
-        x_next = (alpha_next * sigma_next / (alpha_of_sigma(sigma) * sigma)) * x - (alpha_next * (sigma_next / sigma - 1)) * d
+        s_ratio = alpha_next * sigma_next / (alpha_of_sigma(sigma) * sigma)
+        x_next = s_ratio * x - (alpha_next * (sigma_next / sigma - 1)) * d
         return x_next, x0
 
 

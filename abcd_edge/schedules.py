@@ -70,9 +70,15 @@ def _karras_ramp(ramp: np.ndarray, sigma_min: float, sigma_max: float, rho: floa
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """A discrete diffusion noise schedule, held as alphas_cumprod (float64, one per train timestep)."""
+    """A discrete diffusion noise schedule, held as alphas_cumprod (float64, one per train timestep).
+
+    ``clip_sample`` is the range x0 estimates are clipped to (diffusers' ``clip_sample`` /
+    ``clip_sample_range``), or None. DDPM-style models trained on [-1, 1] data need it: their
+    x0 estimate at high noise is badly conditioned, and unclipped samples saturate.
+    """
 
     alphas_cumprod: np.ndarray
+    clip_sample: float | None = None
 
     def __post_init__(self) -> None:
         ac = np.asarray(self.alphas_cumprod, dtype=np.float64)
@@ -92,15 +98,17 @@ class NoiseSchedule:
         rho and no beta_schedule, as CMStochasticIterativeScheduler), whose Karras sigmas over the
         train steps become alphas_cumprod = 1 / (1 + sigma^2).
         """
+        clip = float(cfg.get("clip_sample_range", 1.0)) if cfg.get("clip_sample") else None
         if cfg.get("alphas_cumprod") is not None:
-            return cls(np.asarray(cfg["alphas_cumprod"], dtype=np.float64))
+            return cls(np.asarray(cfg["alphas_cumprod"], dtype=np.float64), clip)
         steps = int(cfg.get("num_train_timesteps", 1000))
         if "beta_schedule" not in cfg and "rho" in cfg:
             ramp = 1 - np.arange(steps) / (steps - 1)  # train step t has the CM's sigma at ramp 1 - t/(T-1)
             sigmas = _karras_ramp(ramp, cfg.get("sigma_min", 0.002), cfg.get("sigma_max", 80.0), cfg["rho"])
-            return cls(1 / (1 + sigmas ** 2))
+            return cls(1 / (1 + sigmas ** 2), clip)
         if cfg.get("rescale_betas_zero_snr"):
-            raise ValueError("rescale_betas_zero_snr=True gives an infinite sigma_max; such schedules are not supported")
+            raise ValueError("rescale_betas_zero_snr=True gives an infinite sigma_max; such schedules are not "
+                             "supported")
         schedule = cfg.get("beta_schedule", "linear")
         if cfg.get("trained_betas") is not None:
             betas = np.asarray(cfg["trained_betas"], dtype=np.float32)
@@ -111,13 +119,17 @@ class NoiseSchedule:
         elif schedule == "squaredcos_cap_v2":
             betas = _cosine_betas(steps)
         else:
-            raise ValueError(f"beta_schedule {schedule!r} is not supported; expected one of {', '.join(BETA_SCHEDULES)}")
+            raise ValueError(f"beta_schedule {schedule!r} is not supported; "
+                             f"expected one of {', '.join(BETA_SCHEDULES)}")
         # torch.cumprod accumulates float32 in double and rounds each product to float32
-        return cls(np.cumprod((1 - betas).astype(np.float64)).astype(np.float32).astype(np.float64))
+        return cls(np.cumprod((1 - betas).astype(np.float64)).astype(np.float32).astype(np.float64), clip)
 
     def to_config(self) -> dict:
         """A JSON-ready dict that from_config turns back into this exact schedule."""
-        return {"num_train_timesteps": self.num_train_timesteps, "alphas_cumprod": self.alphas_cumprod.tolist()}
+        cfg = {"num_train_timesteps": self.num_train_timesteps, "alphas_cumprod": self.alphas_cumprod.tolist()}
+        if self.clip_sample is not None:
+            cfg.update(clip_sample=True, clip_sample_range=self.clip_sample)
+        return cfg
 
     @property
     def num_train_timesteps(self) -> int:
@@ -195,6 +207,7 @@ def sigmas_from_density(density: Any, n: int, log_sigma_min: float, log_sigma_ma
     the mass above reaches i/n of the total, with the mass spread evenly inside each bin
     (piecewise-linear inverse CDF). With xp=torch the result is differentiable in density.
     """
+    density = np.asarray(density, dtype=np.float64) if xp is np else density
     mass = xp.flip(density, (0,))  # highest bin first
     above = xp.cumsum(mass, 0)  # mass above each bin's lower edge
     targets = above[-1] * constant_like(np.arange(1, n) / n, above)

@@ -12,6 +12,9 @@ from abcd_edge.samplers import (PREDICTION_TYPES, SAMPLER_DESCRIPTORS, SAMPLER_N
                                 make_sampler)
 from abcd_edge.schedules import NoiseSchedule, karras_sigmas, logsnr_uniform_sigmas, time_uniform_sigmas
 
+# diffusers' own numpy-2 DeprecationWarnings are not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
 SHAPE = (2, 3, 8, 8)
 VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -173,7 +176,8 @@ def test_euler_matches_euler_discrete_scheduler_on_karras_sigmas(prediction_type
     assert max(worst.values()) <= TOL, worst
 
 
-# diffusers' CM timesteps are the original ts reversed: [22, 0] is the paper's two steps, sigma_max and then sigma(22/39)
+# diffusers' CM timesteps are the original ts reversed: [22, 0] is the paper's two steps, at sigma_max and
+# then at sigma(ramp 22/39)
 @pytest.mark.parametrize("timesteps", [[30, 17, 5, 0], [22, 0], [0]], ids=["4-steps", "2-steps", "1-step"])
 def test_consistency_matches_cm_stochastic_iterative_scheduler(timesteps):
     torch = torch_module()
@@ -234,8 +238,8 @@ def test_prepare_starts_every_sampler_at_the_same_noisy_point():
     schedule = NoiseSchedule.from_config(DEMO_CONFIG)
     sigmas = karras_sigmas(schedule, 5)
     noise = rng_noise(8)
-    vp_inputs = [make_sampler(name, schedule, sigmas).model_input(make_sampler(name, schedule, sigmas).prepare(noise), 0)[0]
-                 for name in SAMPLER_NAMES]
+    samplers = [make_sampler(name, schedule, sigmas) for name in SAMPLER_NAMES]
+    vp_inputs = [sampler.model_input(sampler.prepare(noise), 0)[0] for sampler in samplers]
     for sample in vp_inputs[1:]:
         assert max_diff(sample, vp_inputs[0]) < 1e-6
     assert max_diff(vp_inputs[0], noise * sigmas[0] * alpha_of_sigma(sigmas[0])) < 1e-6
@@ -328,3 +332,31 @@ def test_torch_model_timestep_is_differentiable_in_sigma():
     h = 1e-6 * s
     expected = (schedule.t_of_sigma(s + h) - schedule.t_of_sigma(s - h)) / (2 * h)
     assert sigmas.grad[1].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_ddim_clip_sample_matches_diffusers_default():
+    """With clip_sample (DDPM-style configs), x0 is clipped and the direction keeps the raw noise,
+    as diffusers' DDIMScheduler does by default (use_clipped_model_output=False)."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from abcd_edge.samplers import make_sampler
+    from abcd_edge.schedules import NoiseSchedule
+
+    cfg = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=True,
+               timestep_spacing="trailing")
+    ref = DDIMScheduler(**cfg)
+    ref.set_timesteps(5)                  # a stride that divides 1000: DDIMScheduler steps by a fixed stride
+    schedule = NoiseSchedule.from_config(cfg)
+    assert schedule.clip_sample == 1.0
+    smp = make_sampler("ddim", schedule, schedule.sigma_of_t(ref.timesteps.numpy().astype(float)))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    for i, t in enumerate(ref.timesteps):
+        out = (1.7 * rng.standard_normal(x.shape)).astype(np.float32)   # large outputs: x0 leaves [-1, 1]
+        r = ref.step(torch.from_numpy(out), t, torch.from_numpy(x))
+        x_next, x0 = smp.step(x, i, out)
+        assert np.abs(x0).max() <= 1.0
+        assert np.abs(x0 - r.pred_original_sample.numpy()).max() <= 1e-5
+        assert np.abs(x_next - r.prev_sample.numpy()).max() <= 1e-5
+        x = r.prev_sample.numpy()

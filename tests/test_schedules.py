@@ -12,9 +12,13 @@ from hypothesis import strategies as st
 from abcd_edge.schedules import (NoiseSchedule, density_of_sigmas, karras_sigmas, logsnr_uniform_sigmas,
                                  sigmas_from_density, time_uniform_sigmas)
 
+# diffusers' own numpy-2 DeprecationWarnings are not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
 CONFIGS = {
     "demo-linear": dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"),
-    "sd-scaled_linear": dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+    "sd-scaled_linear": dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                             beta_schedule="scaled_linear"),
     "cosine": dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
     "short-linear": dict(num_train_timesteps=37, beta_start=1e-3, beta_end=0.05, beta_schedule="linear"),
 }

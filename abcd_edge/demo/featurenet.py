@@ -41,6 +41,7 @@ DATA_SEED = 777                 # distinct from the diffusion model's 1234
 HELDOUT_START = 10_000_000      # held-out indices of the same seed, disjoint from training
 RESOLUTION = 32
 WIDTHS = (32, 64, 96, 128)
+DEPTHS = (1, 1, 1, 1)           # conv-GN-ReLU layers per block
 GROUPS = 8
 ONNX_OPSET = 18
 PARITY_TOL = 1e-4
@@ -53,15 +54,18 @@ class FeatureCNN(nn.Module):
     """conv3x3-GN-ReLU x4 (avg-pool /2 between blocks), global average pool -> feature; linear heads."""
 
     def __init__(self, widths=WIDTHS, groups: int = GROUPS, n_kinds: int = len(KINDS),
-                 n_colours: int = len(COLOUR_NAMES), n_counts: int = MAX_SHAPES):
+                 n_colours: int = len(COLOUR_NAMES), n_counts: int = MAX_SHAPES, depths=DEPTHS):
         super().__init__()
+        if len(depths) != len(widths):
+            raise ValueError(f"depths {depths} and widths {widths} differ in length")
         layers: list[nn.Module] = []
         c_in = 3
-        for i, c in enumerate(widths):
+        for i, (c, d) in enumerate(zip(widths, depths)):
             if i > 0:
                 layers.append(nn.AvgPool2d(2))
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.GroupNorm(groups, c), nn.ReLU()]
-            c_in = c
+            for _ in range(d):
+                layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.GroupNorm(groups, c), nn.ReLU()]
+                c_in = c
         self.body = nn.Sequential(*layers)
         self.feature_dim = c_in
         self.kinds = nn.Linear(c_in, n_kinds)
@@ -149,8 +153,10 @@ def parity(net: FeatureCNN, onnx_path: Path, images_nhwc: np.ndarray) -> float:
 
 def build_from_config(config: dict) -> FeatureCNN:
     arch = config["architecture"]
-    return FeatureCNN(widths=tuple(arch["widths"]), groups=arch["groups"], n_kinds=len(config["labels"]["kinds"]),
-                      n_colours=len(config["labels"]["colours"]), n_counts=len(config["labels"]["count"]))
+    widths = tuple(arch["widths"])
+    return FeatureCNN(widths=widths, groups=arch["groups"], depths=tuple(arch.get("depths", (1,) * len(widths))),
+                      n_kinds=len(config["labels"]["kinds"]), n_colours=len(config["labels"]["colours"]),
+                      n_counts=len(config["labels"]["count"]))
 
 
 def load_torch(folder: str | Path) -> FeatureCNN:
@@ -173,7 +179,7 @@ def _sha256(path: Path) -> str:
 
 
 def train(out: Path, n_train: int, n_heldout: int, steps: int, batch: int, lr: float, threads: int,
-          seed: int) -> dict:
+          seed: int, widths=WIDTHS, depths=DEPTHS) -> dict:
     from safetensors.torch import save_file
 
     torch.set_num_threads(threads)
@@ -186,7 +192,7 @@ def train(out: Path, n_train: int, n_heldout: int, steps: int, batch: int, lr: f
     k_all, c_all, n_all = torch.from_numpy(tr[1]), torch.from_numpy(tr[2]), torch.from_numpy(tr[3])
     t_data = time.monotonic() - t_start
 
-    net = FeatureCNN()
+    net = FeatureCNN(widths=widths, depths=depths)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     warm = max(1, steps // 50)
@@ -234,7 +240,7 @@ def train(out: Path, n_train: int, n_heldout: int, steps: int, batch: int, lr: f
             "format": FORMAT,
             "architecture": {
                 "type": "conv3x3-GroupNorm-ReLU blocks, avg-pool /2 between blocks, global average pool",
-                "widths": list(WIDTHS), "groups": GROUPS,
+                "widths": list(widths), "depths": list(depths), "groups": GROUPS,
                 "heads": {"kinds": "linear, BCE", "colours": "linear, BCE", "count": "linear, CE over 1..3"},
                 "parameters": sum(p.numel() for p in net.parameters()),
             },
@@ -249,7 +255,8 @@ def train(out: Path, n_train: int, n_heldout: int, steps: int, batch: int, lr: f
                      "train_indices": [0, n_train], "heldout_indices": [HELDOUT_START, HELDOUT_START + n_heldout]},
             "training": {
                 "command": f"python -m abcd_edge.demo.featurenet --out {out} --images {n_train} --heldout {n_heldout} "
-                           f"--steps {steps} --batch {batch} --lr {lr} --threads {threads} --seed {seed}",
+                           f"--steps {steps} --batch {batch} --lr {lr} --threads {threads} --seed {seed} "
+                           f"--widths {','.join(map(str, widths))} --depths {','.join(map(str, depths))}",
                 "steps": steps, "batch": batch, "lr": lr, "optimiser": "AdamW(wd=1e-4), linear warm-up, cosine decay",
                 "augmentation": "random horizontal and vertical flips",
                 "threads": threads, "seed": seed,
@@ -274,13 +281,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("export/featurenet"))
     ap.add_argument("--images", type=int, default=30000, help="training images (seed 777, indices 0..N-1)")
     ap.add_argument("--heldout", type=int, default=2000)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=8000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--widths", type=_ints, default=WIDTHS, help="channels per block, e.g. 32,64,96,128")
+    ap.add_argument("--depths", type=_ints, default=DEPTHS, help="conv layers per block, e.g. 1,1,1,1")
     a = ap.parse_args()
-    train(a.out, a.images, a.heldout, a.steps, a.batch, a.lr, a.threads, a.seed)
+    train(a.out, a.images, a.heldout, a.steps, a.batch, a.lr, a.threads, a.seed, a.widths, a.depths)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
 
 
 if __name__ == "__main__":

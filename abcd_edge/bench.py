@@ -247,7 +247,8 @@ def resolve_tiers(specs: Sequence[str], manifest_hash: str, profiles_dir: Path =
         facts = _profile_facts(p)
         if facts and facts.get("manifest_hash") == manifest_hash:
             committed.append((p, facts))
-    here = [(p, f) for p, f in committed if f["device_id"] == _this_device(f.get("backend", "ort-cpu"), f.get("threads"))]
+    here = [(p, f) for p, f in committed
+            if f["device_id"] == _this_device(f.get("backend", "ort-cpu"), f.get("threads"))]
     elsewhere = [(p, f) for p, f in committed if (p, f) not in here]
     hint = ("profile this machine for the artifact (`make profile`, or `abcd-edge profile --artifact ... "
             "--batch 1,4 --out profiles/<name>.json`)")
@@ -415,6 +416,72 @@ def oracle_pick(step_latency_ms: Sequence[float], mse_by_step: np.ndarray, budge
 
 # ============================================================================ quality
 
+_BLAS_SYMBOLS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
+                 "openblas_set_num_threads", "MKL_Set_Num_Threads")
+_BLAS_GET = {"scipy_openblas_set_num_threads64_": "scipy_openblas_get_num_threads64_",
+             "scipy_openblas_set_num_threads": "scipy_openblas_get_num_threads",
+             "openblas_set_num_threads64_": "openblas_get_num_threads64_",
+             "openblas_set_num_threads": "openblas_get_num_threads", "MKL_Set_Num_Threads": "MKL_Get_Max_Threads"}
+
+
+@contextmanager
+def blas_threads(n: int = 1):
+    """Limit numpy's BLAS (OpenBLAS/MKL, found among the loaded libraries) to ``n`` threads in the block.
+
+    On a machine shared with other work, OpenBLAS's spinning worker threads make a 128x128 eigh take
+    ~0.4 s instead of ~2 ms; the bench's metrics (FID with bootstrap) are all small matrices."""
+    import ctypes
+    import re
+
+    restore = []
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    for lib in sorted(set(re.findall(r"/\S*(?:openblas|mkl_rt)\S*\.so\S*", maps))):
+        try:
+            h = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for sym in _BLAS_SYMBOLS:
+            if hasattr(h, sym) and hasattr(h, _BLAS_GET[sym]):
+                before = int(getattr(h, _BLAS_GET[sym])())
+                getattr(h, sym)(int(n))
+                restore.append((getattr(h, sym), before))
+                break
+    try:
+        yield
+    finally:
+        for fn, before in restore:
+            fn(before)
+
+
+class ReferenceFrechet:
+    """Fréchet distance to fixed reference statistics, the reference's square root computed once.
+
+    FID = |mu - mu_r|^2 + tr(S) + tr(S_r) - 2 tr((R S R)^1/2) with R = S_r^1/2, S the unbiased covariance of
+    the features; (R S R) = A^T A with A = (X - mu) R / sqrt(N - 1), so the last trace is the sum of A's
+    singular values: one small SVD per call. Equal to quality.frechet_distance."""
+
+    def __init__(self, mu: np.ndarray, sigma: np.ndarray):
+        from abcd_edge.quality import _sqrtm_psd
+
+        self.mu = np.asarray(mu, np.float64)
+        self.r = _sqrtm_psd(np.asarray(sigma, np.float64))
+        self.tr = float(np.trace(sigma))
+
+    def __call__(self, feats: np.ndarray) -> float:
+        x = np.asarray(feats, np.float64)
+        if x.ndim != 2 or len(x) < 2:
+            raise ValueError(f"need features [N >= 2, D], got {x.shape}")
+        mu = x.mean(0)
+        a = (x - mu) @ self.r / math.sqrt(len(x) - 1)
+        sv = np.linalg.svd(a, compute_uv=False)
+        tr_s = float(((x - mu) ** 2).sum() / (len(x) - 1))
+        d = mu - self.mu
+        return max(float(d @ d + tr_s + self.tr - 2.0 * sv.sum()), 0.0)
+
+
 class Quality:
     """Feature extractor + reference statistics: ``features(uint8 NHWC)`` and ``fid(features)``."""
 
@@ -433,8 +500,10 @@ class Quality:
         if isinstance(net.height, int) and net.height != resolution:
             return None, (f"feature-FID not measured: the feature net takes {net.height}x{net.width} images, "
                           f"the artifact makes {resolution}x{resolution}")
-        ref = ReferenceStats.load_or_compute(ref_seed, ref_n, net, resolution=resolution)
-        return cls(net.features, ref.fid, f"feature-FID (export/featurenet sha256 {net.sha256[:12]}, "
+        with blas_threads(1):
+            ref = ReferenceStats.load_or_compute(ref_seed, ref_n, net, resolution=resolution)
+            fid = ReferenceFrechet(ref.mu, ref.sigma)
+        return cls(net.features, fid, f"feature-FID (export/featurenet sha256 {net.sha256[:12]}, "
                                           f"reference: generator data seed {ref_seed}, n={ref_n})"), ""
 
 
@@ -886,12 +955,15 @@ def estimate_seconds(spec: GridSpec, tiers: list[Tier]) -> dict:
 def run_grid(spec: GridSpec, out: Path, resume: bool = True, quality: Quality | None | str = "auto",
              progress: bool = True, tiers: list[Tier] | None = None, log: Callable[[str], None] | None = None) -> Path:
     """Run (or resume) the grid into ``out``; write results.csv, features/, bench.json, summary.md, plots."""
+    with blas_threads(1):
+        return _run_grid(spec, out, resume, quality, progress, tiers, log)
+
+
+def _run_grid(spec, out, resume, quality, progress, tiers, log) -> Path:
     from tqdm import tqdm
 
     from abcd_edge import hardware
-    from abcd_edge.budget import Budget
     from abcd_edge.manifest import load_manifest, manifest_hash
-    from abcd_edge.quality import teacher_distance
 
     log = log or (lambda s: print(f"abcd-edge bench: {s}", file=sys.stderr))
     validate_spec(spec)
@@ -908,15 +980,21 @@ def run_grid(spec: GridSpec, out: Path, resume: bool = True, quality: Quality | 
         raise UserError(f"controller folder {spec.controller!r} does not exist")
     tiers = tiers or resolve_tiers(spec.tiers, mhash)
     controller_id = _controller_identity(spec, manifest.name)
-    key = _config_key(spec, tiers, mhash, controller_id)
+    if quality == "auto":
+        quality, qnote = Quality.default(manifest.resolution, spec.ref_seed, spec.ref_n)
+    else:
+        qnote = "" if quality is not None else "feature-FID not measured (no quality backend given)"
+    if qnote:
+        log(qnote)
+    key = _config_key(spec, tiers, mhash, controller_id + "|" + (quality.description if quality else qnote))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, meta_path = out / RESULTS_CSV, out / "bench.json"
     old_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     rows = _read_csv(csv_path) if resume else []
     if rows and (old_meta or {}).get("config_key") != key:
-        raise UserError(f"{csv_path} was made by another configuration (grid, tiers, artifact or controller "
-                        "differ); use another --out, or --no-resume to start over")
+        raise UserError(f"{csv_path} was made by another configuration (grid, tiers, artifact, controller or "
+                        "feature net differ); use another --out, or --no-resume to start over")
 
     # drop rows of blocks that did not finish (a crash mid-block), keep the rest
     req = spec.requests_per_seed
@@ -935,12 +1013,6 @@ def run_grid(spec: GridSpec, out: Path, resume: bool = True, quality: Quality | 
         rows = keep
     else:
         _write_csv(csv_path, [])
-    if quality == "auto":
-        quality, qnote = Quality.default(manifest.resolution, spec.ref_seed, spec.ref_n)
-    else:
-        qnote = "" if quality is not None else "feature-FID not measured (no quality backend given)"
-    if qnote:
-        log(qnote)
     feat_dir = out / "features"
     feat_dir.mkdir(exist_ok=True)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -951,7 +1023,8 @@ def run_grid(spec: GridSpec, out: Path, resume: bool = True, quality: Quality | 
                 quality=quality.description if quality else qnote, teacher=f"{spec.teacher_steps}-step "
                 "time-uniform DDIM from the same noise", estimate_s=est,
                 command=" ".join(sys.argv),
-                started_utc=(old_meta or {}).get("started_utc") if rows else started, resumed_utc=started if rows else None,
+                started_utc=(old_meta or {}).get("started_utc") if rows else started,
+                resumed_utc=started if rows else None,
                 machine=hardware.machine_info(), stepdrop={}, tier_sessions={}, finished_utc=None)
     if rows and old_meta:
         meta["stepdrop"] = old_meta.get("stepdrop", {})
@@ -1003,7 +1076,6 @@ def run_grid(spec: GridSpec, out: Path, resume: bool = True, quality: Quality | 
 
 def _run_tier(sess: TierSession, spec: GridSpec, todo, teacher: TeacherCache, quality: Quality | None,
               feat_dir: Path, csv_path: Path, meta: dict, bar, log) -> None:
-    from abcd_edge.budget import Budget
     from abcd_edge.quality import teacher_distance
 
     tier, batch = sess.tier, spec.batch
@@ -1141,6 +1213,7 @@ class Cell:
     fid: float | None = None
     fid_ci: tuple | None = None
     n_on_time: int = 0
+    n_refused: int = 0
     util: float | None = None
     util_ci: tuple | None = None
     steps: float | None = None
@@ -1184,6 +1257,7 @@ def compute_cells(out: Path, quality_fid: Callable | None = None) -> tuple[list[
                 seeds = sorted(by_seed)
                 succ_groups = [(sum(r["deadline_met"] == "True" for r in by_seed[s]), len(by_seed[s])) for s in seeds]
                 cell.n_requests = len(served)
+                cell.n_refused = sum(r["status"] == "refused" for r in served)
                 cell.n_images = sum(int(r["batch"]) for r in served)
                 cell.success = pooled_success(succ_groups)
                 cell.success_ci = bootstrap_ci(succ_groups, pooled_success, seed=1)
@@ -1194,7 +1268,8 @@ def compute_cells(out: Path, quality_fid: Callable | None = None) -> tuple[list[
                 cell.util_ci = bootstrap_ci(util_groups, lambda g: float(np.mean(sum(g, []))) if sum(g, []) else None,
                                             seed=2)
                 cell.steps = float(np.mean([_f(r["steps"]) for r in ok])) if ok else None
-                ps = [_f(r["teacher_psnr"]) for r in ok if r["deadline_met"] == "True" and _f(r["teacher_psnr"]) is not None]
+                ps = [_f(r["teacher_psnr"]) for r in ok
+                      if r["deadline_met"] == "True" and _f(r["teacher_psnr"]) is not None]
                 cell.psnr = float(np.mean(ps)) if ps else None
                 en = [_f(r["energy_mj"]) for r in ok if _f(r["energy_mj"]) is not None]
                 cell.energy = float(np.mean(en)) if en else None
@@ -1368,7 +1443,7 @@ def render_summary(cells: list[dict], meta: dict, preds: list[dict], wins: list[
                 vals = [(look[(s[0], s[2], s[3], s[4], m)][key], m) for m in methods
                         if (s[0], s[2], s[3], s[4], m) in look and m != "oracle"
                         and look[(s[0], s[2], s[3], s[4], m)][key] is not None]
-                if best and vals:
+                if best and vals and len({round(v, 9) for v, _ in vals}) > 1:   # no bold when all tie
                     bv = max(v for v, _ in vals) if best == "max" else min(v for v, _ in vals)
                     bests[s] = bv
             for m in methods:
@@ -1389,6 +1464,8 @@ def render_summary(cells: list[dict], meta: dict, preds: list[dict], wins: list[
                         txt = f"**{txt}**"
                     if key == "fid":
                         txt += f" · {_fmt(c['success'], True)} (n={c['n_on_time']})"
+                    if key == "success" and c.get("n_refused"):
+                        txt += f" ({c['n_refused']} refused)"
                     cellstrs.append(txt)
                 name = m + (" (all rho)" if shared else "") + (" (hindsight)" if m == "oracle" else "")
                 L.append(f"| {name} | " + " | ".join(cellstrs) + " |")
@@ -1500,11 +1577,16 @@ def make_plots(out: Path, cells: list[dict]) -> list[str]:
                     ax.set_ylabel(label)
                     if key == "success":
                         ax.set_ylim(-0.02, 1.02)
-            handles, labels = axes[0][0].get_legend_handles_labels()
+            seen_labels: dict[str, Any] = {}
+            for ax in axes.flat:
+                for h, lab in zip(*ax.get_legend_handles_labels()):
+                    seen_labels.setdefault(lab, h)
+            labels = [m for m in methods if m in seen_labels]
+            handles = [seen_labels[m] for m in labels]
             if handles:
-                fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), fontsize=8)
-            fig.suptitle(f"{label} vs budget — {s}", y=0.995, fontsize=10)
-            fig.tight_layout(rect=(0, 0, 1, 0.93))
+                fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)
+            fig.suptitle(f"{label} vs budget — sampler {s}", fontsize=10)
+            fig.tight_layout(rect=(0, 0.06, 1, 0.97))
             path = out / f"{fname}_{s}.png"
             fig.savefig(path, dpi=90)
             plt.close(fig)
@@ -1555,7 +1637,11 @@ def make_plots(out: Path, cells: list[dict]) -> list[str]:
 
 def summarize(out: Path, quality: Quality | None | str = "auto", log: Callable[[str], None] | None = None) -> Path:
     """(Re)compute summary.md and the plots from results.csv + features/ + bench.json."""
-    out = Path(out)
+    with blas_threads(1):
+        return _summarize(Path(out), quality, log)
+
+
+def _summarize(out: Path, quality, log) -> Path:
     meta = json.loads((out / "bench.json").read_text())
     fid = None
     feat_files = list((out / "features").glob("*.npz")) if (out / "features").is_dir() else []
@@ -1565,6 +1651,9 @@ def summarize(out: Path, quality: Quality | None | str = "auto", log: Callable[[
 
             res = load_manifest(Path(meta["artifact"]), verify_hashes=False).resolution
             q, _ = Quality.default(res, meta["grid"]["ref_seed"], meta["grid"]["ref_n"])
+            if q is not None and q.description != meta.get("quality"):
+                raise UserError(f"{out}/features were computed with another feature net ({meta.get('quality')}); "
+                                f"now: {q.description}. Rerun the bench with --no-resume")
             fid = q.fid if q else None
         elif quality is not None:
             fid = quality.fid
@@ -1599,7 +1688,7 @@ def _make_click_command():
 
     @click.command("bench")
     @click.option("--grid", type=click.Choice(sorted(GRIDS)), default="quick", show_default=True,
-                  help="quick (<= 10 min on 2 cores) or full (the seed's 4 tiers x 3 budgets x 3 samplers x 2 rho x 10 seeds).")
+                  help="quick (<= 10 min on 2 cores) or full (4 tiers x 3 budgets x 3 samplers x 2 rho x 10 seeds).")
     @click.option("--out", default=None, type=click.Path(), help="Output folder (default bench/<grid>).")
     @click.option("--profiles", multiple=True,
                   help="Tier profiles (repeatable, comma lists, globs); prefix replay: for a simulated tier, busy: for "

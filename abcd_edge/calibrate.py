@@ -52,7 +52,7 @@ class CalibrationConfig:
     policy_iters: int = 600
     cost_iters: int = 800
     ays_steps: tuple[int, ...] = (3, 5, 8, 12, 20)
-    ays_iters: int = 30
+    ays_iters: int = 15
     l1_kl: float = 0.05
     l2_budget: float = 4.0
     l3_quality: float = 2.0

@@ -133,8 +133,7 @@ def export(model, controller_dir, out, resolution, batch, fp16, trt, opset, benc
         path, err = export_controller_onnx(Path(controller_dir), Path(out))
         click.echo(f"controller -> {path} (parity max abs {err:.2e})")
     if bench:
-        for row in exporter.export_bench():
-            click.echo(json.dumps(row))
+        click.echo(exporter.format_bench(exporter.export_bench()))
 
 
 @main.command()

@@ -17,6 +17,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -43,6 +44,7 @@ class RequestReport:
     deadline_met: bool
     steps: int
     planned_steps: int
+    replans: int                # times the rest of the schedule was re-placed into fewer steps
     exit_reason: str            # budget | quality | guard | done | best-effort
     sampler: str
     schedule: str
@@ -80,16 +82,22 @@ class RequestReport:
 
 @dataclass
 class CostModel:
-    """Tail latency of the next step and of finishing, with the online correction."""
+    """Step and finishing latency: the tail for the hard rule, mean and spread for planning.
+
+    Everything scales with the online correction, an EWMA of measured / profile-p50 step time.
+    """
 
     step_p50_ms: float
     step_tail_ms: float
     finish_tail_ms: float
     sampler_tail_ms: float
     decision_tail_ms: float
+    step_mean_ms: float = 0.0
+    step_std_ms: float = 0.0
     correction: float = 1.0
 
     def next_step_ms(self) -> float:
+        """The tail of the next step (denoiser + sampler + decision): what the hard rule adds."""
         return self.step_tail_ms * self.correction + self.sampler_tail_ms + self.decision_tail_ms
 
     def observe(self, measured_ms: float) -> None:
@@ -97,7 +105,43 @@ class CostModel:
         self.correction = (1 - EWMA_ALPHA) * self.correction + EWMA_ALPHA * ratio
 
     def steps_that_fit(self, available_ms: float) -> int:
+        """The most steps whose tail each fits: K for static schedules (n x p99 + finishing <= B)."""
         return max(int((available_ms - self.finish_tail_ms - GUARD_SLACK_MS) // self.next_step_ms()), 0)
+
+    def steps_expected_to_fit(self, available_ms: float, cap: int = 1000) -> int:
+        """The most steps whose *sum* fits at the 99 % level: n mean + 2.33 sqrt(n) std + one tail + finishing.
+
+        Step times are roughly independent, so n steps cost about n x mean with spread sqrt(n) x std,
+        far less than n x p99. The anytime loop can plan this way because the hard rule, the
+        re-planning and the guard still protect each step; a static schedule cannot.
+        """
+        mean = self.step_mean_ms * self.correction + self.sampler_tail_ms + self.decision_tail_ms
+        std = self.step_std_ms * self.correction
+        spare = available_ms - self.finish_tail_ms - GUARD_SLACK_MS - (self.next_step_ms() - mean)
+        n = 0
+        while n < cap and (n + 1) * mean + 2.33 * math.sqrt(n + 1) * std <= spare:
+            n += 1
+        return n
+
+
+@dataclass
+class Placement:
+    """Where the steps of a request go: sigma at mass position u in [0, 1), counted from sigma_max.
+
+    A plan of n steps sits at u = k/n; re-planning m steps after position u_i puts them at
+    u_i + (1 - u_i) k/(m + 1), k = 1..m — the tail of a fresh (m+1)-step plan from where we are.
+    """
+
+    kind: str
+    sigma_at: Callable[[np.ndarray], np.ndarray]
+
+    def plan(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        u = np.arange(n) / n
+        return self.sigma_at(u), u
+
+    def replan(self, u_now: float, m: int) -> tuple[np.ndarray, np.ndarray]:
+        u = u_now + (1 - u_now) * np.arange(1, m + 1) / (m + 1)
+        return self.sigma_at(u), u
 
 
 def profiles_for(manifest_hash: str, device: str | None = None, search: list[Path] | None = None) -> list[Path]:
@@ -204,6 +248,7 @@ class AnytimeRuntime:
         return CostModel(step_p50_ms=bp.step.p50_ms, step_tail_ms=step_tail, finish_tail_ms=finish_tail,
                          sampler_tail_ms=bp.sampler_ms[sampler].p99_ms,
                          decision_tail_ms=self.profile.controller_decision.p99_ms if self.controller else 0.0,
+                         step_mean_ms=bp.step.mean_ms, step_std_ms=bp.step.cv * bp.step.mean_ms,
                          correction=self.correction)
 
     def minimum_ms(self, batch: int = 1, sampler: str = "ddim") -> float:
@@ -211,26 +256,40 @@ class AnytimeRuntime:
         cm = self.cost_model(batch, sampler)
         return cm.next_step_ms() + cm.finish_tail_ms + GUARD_SLACK_MS
 
-    def plan(self, budget: Budget, rho: float, sampler: str, batch: int, schedule: str) -> tuple[np.ndarray, str, int]:
+    def placement(self, schedule: str, budget: Budget, rho: float, sampler: str, batch: int) -> Placement:
+        """The step placement for a request: the controller's density, or a fixed rule."""
         from abcd_edge.samplers import SAMPLER_DESCRIPTORS
-        from abcd_edge.schedules import karras_sigmas, logsnr_uniform_sigmas, time_uniform_sigmas
+        from abcd_edge.schedules import log_sigma_at_mass
 
-        cm = self.cost_model(batch, sampler)
-        n = cm.steps_that_fit(self._budget_in_ms(budget, batch))
-        n = min(n, self.manifest.scheduler_config.get("num_train_timesteps", 1000))
         if schedule == "auto":
             schedule = "controller" if self.controller is not None else "uniform"
+        lo, hi = math.log(self.schedule.sigma_min), math.log(self.schedule.sigma_max)
         if schedule == "controller":
             if self.controller is None:
                 raise UserError("--schedule controller needs a calibrated controller for this artifact "
                                 "(run `make calibrate`)")
-            ctx = self.context(budget, rho, batch)
-            sigmas = self.controller.plan_sigmas(ctx, SAMPLER_DESCRIPTORS[sampler], max(n, 1),
-                                                 sigma_max=self.schedule.sigma_max)
-            return sigmas, "controller", n
-        n_rule = min(max(n, 1), RULE_MAX_STEPS)
-        fn = {"uniform": time_uniform_sigmas, "karras": karras_sigmas, "logsnr": logsnr_uniform_sigmas}[schedule]
-        return np.asarray(fn(self.schedule, n_rule)), schedule, n
+            density = self.controller.density(self.context(budget, rho, batch), SAMPLER_DESCRIPTORS[sampler])
+            top = min(self.controller.spec.log_sigma_max, hi)
+            return Placement("controller", lambda u: np.exp(log_sigma_at_mass(
+                density, u, self.controller.spec.log_sigma_min, top)))
+        if schedule == "uniform":          # time-uniform, trailing: t = T (1 - u) - 1
+            steps = self.schedule.num_train_timesteps
+            return Placement("uniform", lambda u: self.schedule.sigma_of_t(steps * (1 - u) - 1))
+        if schedule == "logsnr":
+            return Placement("logsnr", lambda u: np.exp(hi - u * (hi - lo)))
+        rho_k = 7.0                         # Karras et al.'s ramp, at u (the last step above sigma_min)
+        a, b = self.schedule.sigma_max ** (1 / rho_k), self.schedule.sigma_min ** (1 / rho_k)
+        return Placement("karras", lambda u: (a + u * (b - a)) ** rho_k)
+
+    def plan(self, budget: Budget, rho: float, sampler: str, batch: int, schedule: str
+             ) -> tuple[Placement, np.ndarray, np.ndarray]:
+        """(placement, sigmas, mass positions) of the steps that are expected to fit the budget."""
+        cm = self.cost_model(batch, sampler)
+        cap = RULE_MAX_STEPS if self.controller is None else self.schedule.num_train_timesteps
+        n = max(cm.steps_expected_to_fit(self._budget_in_ms(budget, batch), cap=cap), 1)
+        placement = self.placement(schedule, budget, rho, sampler, batch)
+        sigmas, u = placement.plan(n)
+        return placement, sigmas, u
 
     def context(self, budget: Budget, rho: float, batch: int) -> list[float]:
         return context_vector(self._budget_in_ms(budget, batch), self.profile.for_batch(batch).flops_per_s, rho)
@@ -270,7 +329,9 @@ class AnytimeRuntime:
                 raise UserError(f"budget {budget} is below the smallest achievable response on this device "
                                 f"({minimum:.2f} ms: one step + finishing at the profile's tail); "
                                 "raise the budget or pass --best-effort")
-            sigmas, schedule_name, _ = self.plan(budget, rho, sampler, batch, schedule)
+            placement, sigmas, positions = self.plan(budget, rho, sampler, batch, schedule)
+            planned_steps = len(sigmas)
+            replans = 0
             rng = np.random.default_rng(seed)
             shape = (batch, self.manifest.channels, self.manifest.resolution, self.manifest.resolution)
             noise = rng.standard_normal(shape).astype(np.float32)
@@ -284,9 +345,10 @@ class AnytimeRuntime:
             self.meter.start()
             self.clock.start()
             x = smp.prepare(noise)
-            n = len(smp)
-            for i in range(n):
-                pred = cm.next_step_ms()
+            n, i = len(smp), -1
+            while i + 1 < n:           # n shrinks when the rest of the schedule is re-planned
+                i += 1
+                pred, pred_median = cm.next_step_ms(), cm.step_p50_ms * cm.correction
                 if (self.clock.elapsed_ms() + pred + cm.finish_tail_ms + GUARD_SLACK_MS > limit_ms
                         and not (best_effort and i == 0)):
                     reason = "budget"
@@ -297,14 +359,22 @@ class AnytimeRuntime:
                 if out is None:
                     reason = "guard"
                     break
+                cm.observe(step_ms)
+                remaining = n - (i + 1)
+                if remaining > 0:     # behind the plan? re-plan the rest into the steps that still fit
+                    fit = cm.steps_expected_to_fit(limit_ms - self.clock.elapsed_ms(), cap=remaining)
+                    if 1 <= fit < remaining:
+                        future, u = placement.replan(float(positions[i]), fit)
+                        smp.replan(i, future)
+                        positions = np.concatenate([positions[: i + 1], u])
+                        n, replans = len(smp), replans + 1
                 step_noise = rng.standard_normal(shape).astype(np.float32) if smp.stochastic else None
                 x, new_x0 = smp.step(x, i, out, noise=step_noise)
                 change = float(np.mean((new_x0 - x0) ** 2))
                 x0 = new_x0
                 predicted.append(round(pred, 4))
-                predicted_median.append(round(cm.step_p50_ms * cm.correction, 4))
+                predicted_median.append(round(pred_median, 4))
                 measured.append(round(step_ms, 4))
-                cm.observe(step_ms)
                 if self.controller is not None and use_exit_policy and i < n - 1:
                     h = decision_features(float(smp.sigmas[i]), change, (i + 1) / n,
                                           self.clock.elapsed_ms() / limit_ms, ctx, SAMPLER_DESCRIPTORS[sampler])
@@ -330,8 +400,8 @@ class AnytimeRuntime:
             deadline_met=bool(latency <= limit_ms) if budget.kind == "latency" else
             bool((reading.energy_mj if reading.energy_mj is not None else
                   len(measured) * self.profile.for_batch(batch).energy_per_step_mj) <= budget.mj),
-            steps=len(measured), planned_steps=len(smp), exit_reason=reason, sampler=sampler,
-            schedule=schedule_name, sigmas=[round(float(s), 6) for s in smp.sigmas], rho=rho, seed=seed,
+            steps=len(measured), planned_steps=planned_steps, replans=replans, exit_reason=reason, sampler=sampler,
+            schedule=placement.kind, sigmas=[round(float(s), 6) for s in smp.sigmas], rho=rho, seed=seed,
             batch=batch, predicted_step_ms=predicted,
             predicted_median_step_ms=predicted_median, measured_step_ms=measured,
             correction=round(cm.correction, 5),

@@ -100,6 +100,19 @@ class Sampler:
         self.sigmas = sigmas
         self.timesteps = cm_time(sigmas) if prediction_type == "consistency" else schedule.t_of_sigma(sigmas)
 
+    def replan(self, i: int, future: np.ndarray) -> None:
+        """Replace the sigmas after step i with ``future`` (numpy; decreasing, below sigma_i).
+
+        Call it after the model output of step i is in and before ``step(.., i, ..)``: that
+        step then heads for the new sigma_{i+1}. Multistep history stays valid (it holds
+        the sigmas actually visited).
+        """
+        sigmas = np.concatenate([np.asarray(self.sigmas[: i + 1], np.float64), np.asarray(future, np.float64)])
+        if np.any(np.diff(sigmas) >= 0) or sigmas[-1] <= 0:
+            raise ValueError(f"replanned sigmas must stay positive and strictly decreasing, got {sigmas.tolist()}")
+        self.sigmas = sigmas
+        self.timesteps = cm_time(sigmas) if self.prediction_type == "consistency" else self.schedule.t_of_sigma(sigmas)
+
     def __len__(self) -> int:
         return len(self.sigmas)
 

@@ -207,16 +207,21 @@ def sigmas_from_density(density: Any, n: int, log_sigma_min: float, log_sigma_ma
     the mass above reaches i/n of the total, with the mass spread evenly inside each bin
     (piecewise-linear inverse CDF). With xp=torch the result is differentiable in density.
     """
-    density = np.asarray(density, dtype=np.float64) if xp is np else density
+    log_sigmas = log_sigma_at_mass(density, np.arange(1, n) / n, log_sigma_min, log_sigma_max, xp)
+    return xp.exp(xp.concatenate([constant_like([log_sigma_max], log_sigmas), log_sigmas]))
+
+
+def log_sigma_at_mass(density: Any, fractions: Any, log_sigma_min: float, log_sigma_max: float,
+                      xp: ModuleType = np) -> Any:
+    """The inverse CDF: log-sigma where the density's mass above reaches each fraction in [0, 1)."""
     mass = xp.flip(density, (0,))  # highest bin first
     above = xp.cumsum(mass, 0)  # mass above each bin's lower edge
-    targets = above[-1] * constant_like(np.arange(1, n) / n, above)
+    targets = above[-1] * constant_like(np.asarray(fractions, dtype=np.float64), above)
     k = len(mass)
     # the bin where each target is reached; its mass is > 0, so the division is safe
     j = (above[None, :] < targets[:, None]).sum(1).clip(0, k - 1)
     fraction = (targets - (above[j] - mass[j])) / mass[j]
-    log_sigmas = log_sigma_max - (j + fraction) * ((log_sigma_max - log_sigma_min) / k)
-    return xp.exp(xp.concatenate([constant_like([log_sigma_max], log_sigmas), log_sigmas]))
+    return log_sigma_max - (j + fraction) * ((log_sigma_max - log_sigma_min) / k)
 
 
 def density_of_sigmas(sigmas: np.ndarray, k: int, log_sigma_min: float, log_sigma_max: float,

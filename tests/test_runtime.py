@@ -92,9 +92,11 @@ def test_budget_rule_on_fake_clock(tiny_artifact, fixed_profile):
     rt = AnytimeRuntime(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none", clock=clock)
     cm = rt.cost_model(1, "ddim")
     _, rep = rt.generate(parse_budget("100ms"), seed=0)
-    # steps taken: as many as fit while elapsed + predicted + finish <= B, predicted growing with the correction
-    assert rep.exit_reason == "budget"
+    # 10x slower steps than profiled: the loop re-plans the rest of the schedule into the steps that
+    # still fit (so it still reaches low noise) and never starts a step whose tail would overrun
+    assert rep.exit_reason in ("budget", "done") and rep.replans >= 1
     assert rep.latency_ms <= 100
+    assert rep.sigmas[rep.steps - 1] < 0.1 * rep.sigmas[0] and rep.sigmas[rep.steps - 1] < 5.0
     elapsed = 0.0
     for pred in rep.predicted_step_ms:
         assert elapsed + pred + cm.finish_tail_ms <= 100 + 1e-6

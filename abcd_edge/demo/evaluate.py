@@ -67,6 +67,7 @@ def evaluate(artifact: Path, out: Path, samples: int, reference: int, threads: i
     held_out = ReferenceStats.load_or_compute(REFERENCE_SEED + 1, samples, net)
     fid_data = ref.fid(held_out.features)
     monotone = all(fids[a] >= fids[b] for a, b in zip(STEP_COUNTS, STEP_COUNTS[1:]))
+    monotone_3_10_50 = fids[3] >= fids[10] >= fids[50]
     result = {
         "command": f"python -m abcd_edge.demo.evaluate --out {out} --samples {samples} --reference {reference}",
         "artifact": str(artifact), "sampler": "ddim (eta 0), time-uniform steps", "samples_per_setting": samples,
@@ -76,7 +77,7 @@ def evaluate(artifact: Path, out: Path, samples: int, reference: int, threads: i
         "feature_fid_held_out_data": round(fid_data, 3),
         "checks": {"fid50_at_most_half_fid3": fids[50] <= 0.5 * fids[3],
                    "fid50_at_most_tenth_noise": fids[50] <= 0.1 * fid_noise,
-                   "monotone_in_steps": monotone},
+                   "monotone_in_steps": monotone, "monotone_3_10_50": monotone_3_10_50},
         "wall_s": round(time.monotonic() - t0, 1),
     }
     write_json_atomic(out / "evaluation.json", result)

@@ -638,7 +638,7 @@ class TierSession:
     abcd: Any                     # AnytimeRuntime with the controller ("auto"/folder) or rule-based
     controller: Any               # numpy Controller or None
     controller_dir: str | None
-    ays: dict[int, list[float]] | None
+    ays: dict[str, dict[int, list[float]]] | None
     overhead_scale: float
     local_step_p50_ms: float | None
     batch: int = 1
@@ -666,7 +666,12 @@ def _controller_dir(spec_controller: str, manifest_name: str) -> Path | None:
     return Path(spec_controller)
 
 
-def load_ays(folder: Path | None) -> tuple[dict[int, list[float]] | None, str]:
+def load_ays(folder: Path | None, manifest_hash: str | None = None
+             ) -> tuple[dict[str, dict[int, list[float]]] | None, str]:
+    """``<folder>/ays.json`` -> ({sampler or "*": {n: sigmas}}, where it came from or why unavailable).
+
+    Two layouts: ``{"<n>": [sigmas]}`` (any sampler), or calibration's
+    ``{"manifest_hash": ..., "schedules": {"<sampler>": {"<n>": {"sigmas": [...], ...}}}}``."""
     if folder is None:
         return None, "unavailable: no calibration folder (no controller)"
     path = Path(folder) / "ays.json"
@@ -674,13 +679,28 @@ def load_ays(folder: Path | None) -> tuple[dict[int, list[float]] | None, str]:
         return None, f"unavailable: {path} does not exist (AYS-like schedules are optimised by calibration)"
     try:
         raw = json.loads(path.read_text())
-        table = {int(k): [float(s) for s in v] for k, v in raw.items()}
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise UserError(f"{str(path)!r} is not a {{\"<n>\": [sigmas...]}} table ({exc})") from None
-    for n, sig in table.items():
-        if len(sig) != n or any(a <= b for a, b in zip(sig, sig[1:])) or (sig and sig[-1] <= 0):
-            raise UserError(f"{str(path)!r}: schedule {n} must hold {n} positive, strictly decreasing sigmas")
+        if isinstance(raw, dict) and "schedules" in raw:
+            if manifest_hash and raw.get("manifest_hash") not in (None, manifest_hash):
+                return None, f"unavailable: {path} was optimised for another artifact"
+            table = {str(smp): {int(n): [float(x) for x in (v["sigmas"] if isinstance(v, dict) else v)]
+                                for n, v in per.items()} for smp, per in raw["schedules"].items()}
+        else:
+            table = {"*": {int(k): [float(x) for x in v] for k, v in raw.items()}}
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise UserError(f"{str(path)!r} is not an AYS schedule table ({type(exc).__name__}: {exc})") from None
+    for smp, per in table.items():
+        for n, sig in per.items():
+            if len(sig) != n or any(a <= b for a, b in zip(sig, sig[1:])) or (sig and sig[-1] <= 0):
+                raise UserError(f"{str(path)!r}: schedule {smp}/{n} must hold {n} positive, strictly decreasing "
+                                "sigmas")
+    table = {k: v for k, v in table.items() if v}
     return (table or None), (str(path) if table else f"unavailable: {path} is empty")
+
+
+def ays_for(table: dict[str, dict[int, list[float]]] | None, sampler: str) -> dict[int, list[float]] | None:
+    if not table:
+        return None
+    return table.get(sampler) or table.get("*")
 
 
 def open_tier(tier: Tier, spec: GridSpec, batch: int) -> TierSession:
@@ -700,7 +720,7 @@ def open_tier(tier: Tier, spec: GridSpec, batch: int) -> TierSession:
     cdir = _controller_dir(spec.controller, base.manifest.name)
     abcd = AnytimeRuntime(spec.artifact, profile=tier.profile_path, controller=str(cdir) if cdir else None,
                           backend=tier.backend, threads=threads, power="auto", clock=clock_abcd)
-    ays, _ = load_ays(cdir)
+    ays, _ = load_ays(cdir, abcd.manifest_hash)
     # warm the sessions; on a replay tier also time this machine's step for the overhead scale
     shape = (batch, base.manifest.channels, base.manifest.resolution, base.manifest.resolution)
     x = _noise(0, shape)
@@ -770,12 +790,16 @@ def plan_methods(sess: TierSession, spec: GridSpec, budget_ms: float, sampler: s
                 plans.append(Plan(m, rho, "ok", f"K={k99} (p99)", np.asarray(fn(sched, k99)) if k99 else None,
                                   predicted_step_ms=p99, k=k99))
             elif m == "ays":
-                if sess.ays is None:
-                    _, why = load_ays(Path(sess.controller_dir) if sess.controller_dir else None)
+                table = ays_for(sess.ays, sampler)
+                if table is None:
+                    _, why = load_ays(Path(sess.controller_dir) if sess.controller_dir else None,
+                                      sess.base.manifest_hash)
+                    if sess.ays is not None:
+                        why = f"unavailable: no AYS-like schedule for sampler {sampler}"
                     plans.append(Plan(m, rho, "unavailable", why))
                     continue
-                n = nearest_ays_n(sess.ays, k99)
-                plans.append(Plan(m, rho, "ok", f"K={k99} (p99), ays n={n}", np.asarray(sess.ays[n]),
+                n = nearest_ays_n(table, k99)
+                plans.append(Plan(m, rho, "ok", f"K={k99} (p99), ays n={n}", np.asarray(table[n]),
                                   predicted_step_ms=p99, k=n))
             elif m == "stepdrop":
                 thr = (stepdrop or {}).get(rho)
@@ -853,7 +877,7 @@ def _row(tier: Tier, sess: TierSession | None, method: str, detail: str, budget:
                measured_step_ms_mean="", cost_ape_sum="", cost_steps="", cost_covered="", correction="",
                note=note)
     if res is not None:
-        row.update(latency_ms=round(res.latency_ms, 4), utilisation=round(res.latency_ms / budget_ms, 5),
+        row.update(latency_ms=round(res.latency_ms, 4), utilisation=float(f"{res.latency_ms / budget_ms:.6g}"),
                    deadline_met=bool(res.deadline_met), steps=round(float(res.steps), 4),
                    planned_steps=res.planned_steps, exit_reason=res.exit_reason,
                    energy_mj="" if res.energy_mj is None else res.energy_mj,
@@ -1058,7 +1082,7 @@ def _run_grid(spec, out, resume, quality, progress, tiers, log) -> Path:
                 try:
                     meta["tier_sessions"][tier.name] = dict(
                         controller=sess.controller_dir or "rule-based", ays=load_ays(
-                            Path(sess.controller_dir) if sess.controller_dir else None)[1],
+                            Path(sess.controller_dir) if sess.controller_dir else None, sess.base.manifest_hash)[1],
                         overhead_scale=round(sess.overhead_scale, 4), local_step_p50_ms=sess.local_step_p50_ms,
                         minimum_ms={s: round(sess.base.minimum_ms(spec.batch, s), 3) for s in spec.samplers},
                         notes=list(sess.abcd.notes))

@@ -2,7 +2,7 @@
 
 Stages (each checkpointed, so an interrupted run resumes):
 
-1. teacher   — for fixed training/validation noises, a 200-step DDIM result (ONNX Runtime);
+1. teacher   — for fixed training/validation noises, each sampler's own 200-step result (ONNX Runtime);
 2. weights   — the weight generator, LD3/AYS-style: the n-step result of the frozen denoiser
                (torch) is compared with the teacher and the loss is backpropagated through the
                sampler into the sigmas and so into the density; plus l1 * KL(w || anchor);
@@ -178,23 +178,31 @@ class Calibration:
 
     # ------------------------------------------------------------------------------- stages
     def teacher(self) -> None:
+        """Per sampler, its own 200-step time-uniform result from each noise.
+
+        With x0 clipping (clip_sample) the samplers integrate slightly different dynamics (DDIM
+        keeps the raw noise direction as diffusers does; the multistep and Euler updates use the
+        clipped x0), so each is compared with its own converged result, not with DDIM's.
+        """
         from abcd_edge.schedules import time_uniform_sigmas
 
         f = self._ckpt_file("teacher.npz")
         if f.exists():
             z = np.load(f, allow_pickle=False)
-            self.noise_train, self.teacher_train = z["noise_train"], z["teacher_train"]
-            self.noise_val, self.teacher_val = z["noise_val"], z["teacher_val"]
+            self.noise_train, self.noise_val = z["noise_train"], z["noise_val"]
+            self.teachers_train = {s: z[f"train_{s}"] for s in self.cfg.samplers}
+            self.teachers_val = {s: z[f"val_{s}"] for s in self.cfg.samplers}
             return
         rng = np.random.default_rng(self.cfg.seed + 100)
         self.noise_train = rng.standard_normal((self.cfg.train_noises, *self.shape)).astype(np.float32)
         self.noise_val = rng.standard_normal((self.cfg.val_noises, *self.shape)).astype(np.float32)
         sigmas = time_uniform_sigmas(self.schedule, TEACHER_STEPS)
-        self.teacher_train, _ = self.run_ort("ddim", sigmas, self.noise_train)
-        self.teacher_val, _ = self.run_ort("ddim", sigmas, self.noise_val)
+        self.teachers_train = {s: self.run_ort(s, sigmas, self.noise_train)[0] for s in self.cfg.samplers}
+        self.teachers_val = {s: self.run_ort(s, sigmas, self.noise_val)[0] for s in self.cfg.samplers}
         with atomic_path(f) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, noise_train=self.noise_train, teacher_train=self.teacher_train,
-                     noise_val=self.noise_val, teacher_val=self.teacher_val)
+            np.savez(fh, noise_train=self.noise_train, noise_val=self.noise_val,
+                     **{f"train_{s}": v for s, v in self.teachers_train.items()},
+                     **{f"val_{s}": v for s, v in self.teachers_val.items()})
 
     def anchor(self) -> np.ndarray:
         from abcd_edge.schedules import density_of_sigmas, time_uniform_sigmas
@@ -256,7 +264,7 @@ class Calibration:
         for i in range(len(smp)):
             model_in, t = smp.model_input(x, i)
             x, x0 = smp.step(x, i, self.unet(model_in.float(), t.float()).sample.double(), noise=None)
-        return ((x0 - torch.from_numpy(self.teacher_train)[idx].double()) ** 2).mean()
+        return ((x0 - torch.from_numpy(self.teachers_train[sampler])[idx].double()) ** 2).mean()
 
     def train_ays(self) -> dict:
         """AYS-like baseline: one static density per (sampler, n), optimised against the teacher,
@@ -312,7 +320,7 @@ class Calibration:
             sigmas = ctl.plan_sigmas(ctx, SAMPLER_DESCRIPTORS[sampler], n_plan)
             idx = self.rng.choice(len(self.noise_train), self.cfg.trace_batch, replace=False)
             _, x0s = self.run_ort(sampler, sigmas, self.noise_train[idx], keep_x0=True)
-            teacher = self.teacher_train[idx]
+            teacher = self.teachers_train[sampler][idx]
             d = np.stack([((x0 - teacher) ** 2).mean(axis=(1, 2, 3)) for x0 in x0s], 1)  # [B, n]
             prev = np.concatenate([np.zeros_like(x0s[0])[None], np.stack(x0s[:-1])])
             change = np.stack([((x0s[t] - prev[t]) ** 2).mean(axis=(1, 2, 3)) for t in range(len(x0s))], 1)
@@ -439,7 +447,7 @@ class Calibration:
                 row = {}
                 for name, sig in schedules.items():
                     x0, _ = self.run_ort(sampler, sig, self.noise_val)
-                    row[name] = round(float(teacher_distance(x0, self.teacher_val).mse.mean()), 6)
+                    row[name] = round(float(teacher_distance(x0, self.teachers_val[sampler]).mse.mean()), 6)
                 out[f"{sampler}/n={n}"] = row
         return out
 
@@ -471,7 +479,7 @@ class Calibration:
                         stop = t + 1
                         break
                 stops.append(stop)
-            d = [float(((x0s[s - 1][j] - self.teacher_val[j]) ** 2).mean()) for j, s in enumerate(stops)]
+            d = [float(((x0s[s - 1][j] - self.teachers_val[sampler][j]) ** 2).mean()) for j, s in enumerate(stops)]
             out[str(rho)] = {"planned_steps": n, "mean_steps": float(np.mean(stops)), "teacher_mse": float(np.mean(d))}
         return out
 

@@ -65,6 +65,24 @@ def test_oracle_pick():
     assert not fits and pick.tolist() == [0, 0]
 
 
+def test_ays_table_layouts(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "ays.json").write_text(json.dumps({"3": [10.0, 1.0, 0.1]}))
+    table, src = bench.load_ays(tmp_path / "a")
+    assert bench.ays_for(table, "euler") == {3: [10.0, 1.0, 0.1]} and src.endswith("ays.json")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "ays.json").write_text(json.dumps(
+        {"manifest_hash": "abc", "schedules": {"ddim": {"2": {"sigmas": [5.0, 0.5], "density": [1]}}}}))
+    table, _ = bench.load_ays(tmp_path / "b", "abc")
+    assert bench.ays_for(table, "ddim") == {2: [5.0, 0.5]} and bench.ays_for(table, "euler") is None
+    assert bench.load_ays(tmp_path / "b", "other")[0] is None                    # another artifact's: unavailable
+    assert "does not exist" in bench.load_ays(tmp_path)[1]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "ays.json").write_text(json.dumps({"3": [1.0, 2.0, 0.1]}))
+    with pytest.raises(UserError, match="strictly decreasing"):
+        bench.load_ays(tmp_path / "c")
+
+
 def test_stepdrop_rule_and_ays_choice():
     psnr = np.array([10.0, 15.0, 18.0, 19.5, 20.0])
     assert bench.stepdrop_steps(psnr, 0.0) == 5
@@ -159,7 +177,9 @@ def replay_session(tiny_artifact, fixed_profile, tmp_path):
 
     h = manifest_hash(tiny_artifact)
     sched = NoiseSchedule.from_config(load_manifest(tiny_artifact).scheduler_config)
-    ays = {str(n): [float(s) for s in time_uniform_sigmas(sched, n)] for n in (5, 10, 20)}
+    # calibration's layout: per sampler, per n
+    per_n = {str(n): {"sigmas": [float(s) for s in time_uniform_sigmas(sched, n)]} for n in (5, 10, 20)}
+    ays = {"manifest_hash": h, "schedules": {"ddim": per_n}}
     cdir = _write_controller(tmp_path / "ctrl", h, ays)
     spec = bench.parse_grid_args(profiles=f"replay:{fixed_profile}", budgets="20ms", samplers="ddim",
                                  quality="0.6,0.9", seeds=1, samples=2, batch=1, artifact=str(tiny_artifact),

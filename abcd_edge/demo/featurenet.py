@@ -281,7 +281,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("export/featurenet"))
     ap.add_argument("--images", type=int, default=30000, help="training images (seed 777, indices 0..N-1)")
     ap.add_argument("--heldout", type=int, default=2000)
-    ap.add_argument("--steps", type=int, default=8000)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1)

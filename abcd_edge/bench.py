@@ -1079,6 +1079,10 @@ def _run_grid(spec, out, resume, quality, progress, tiers, log) -> Path:
                 continue
             with busy_core(tier.kind == "busy"):
                 sess = open_tier(tier, spec, spec.batch)
+                if _controller_identity(spec, manifest.name) != controller_id:
+                    sess.close()
+                    raise UserError(f"the controller under {spec.controller!r} changed during the run "
+                                    "(recalibrated?); rerun the bench with --no-resume once it is final")
                 try:
                     meta["tier_sessions"][tier.name] = dict(
                         controller=sess.controller_dir or "rule-based", ays=load_ays(

@@ -628,3 +628,60 @@ def calibrate(artifact: Path, profiles: list[Path], out: Path, config: Calibrati
     write_json_atomic(out / "report.json", report)
     return report
 
+
+
+def schedule_fid_table(artifact: Path = paths.DEMO_ARTIFACT_DIR, calibration: Path | None = None,
+                       samplers=("ddim", "dpmpp-2m"), steps=(5, 10), samples: int = 1024, threads: int = 2,
+                       budget_ms: float = 1000.0, profile: Path | None = None) -> dict:
+    """Feature-FID of the learned schedule vs time-uniform, Karras and log-SNR at equal steps.
+
+    The learned density is the controller's for the context (budget_ms, the profile's F, rho = 1);
+    n is fixed here, so only the placement differs. Same noises for every schedule.
+    """
+    from abcd_edge.backends import OrtDenoiser
+    from abcd_edge.demo.data import to_uint8
+    from abcd_edge.demo.evaluate import REFERENCE_SEED
+    from abcd_edge.manifest import load_manifest, manifest_hash
+    from abcd_edge.profiler import load_profile
+    from abcd_edge.quality import FeatureNet, ReferenceStats
+    from abcd_edge.samplers import SAMPLER_DESCRIPTORS
+    from abcd_edge.schedules import NoiseSchedule, karras_sigmas, logsnr_uniform_sigmas, time_uniform_sigmas
+
+    manifest = load_manifest(artifact)
+    mh = manifest_hash(artifact)
+    ctl = Controller.load(calibration or paths.CALIBRATION_DIR / manifest.name, mh)
+    prof = load_profile(profile or paths.PROFILES_DIR / "cpu-2t.json", mh)
+    schedule = NoiseSchedule.from_config(manifest.scheduler_config)
+    den = OrtDenoiser(Path(artifact) / "denoiser.onnx", threads=threads)
+    net = FeatureNet(threads=threads)
+    ref = ReferenceStats.load_or_compute(REFERENCE_SEED, 2048, net)
+    noise = np.random.default_rng(7).standard_normal((samples, manifest.channels, manifest.resolution,
+                                                      manifest.resolution)).astype(np.float32)
+    ctx = [math.log(budget_ms), math.log(prof.for_batch(1).flops_per_s), 1.0]
+    table: dict = {}
+    for sampler in samplers:
+        for n in steps:
+            candidates = {"learned": ctl.plan_sigmas(ctx, SAMPLER_DESCRIPTORS[sampler], n, schedule.sigma_max),
+                          "uniform": time_uniform_sigmas(schedule, n), "karras": karras_sigmas(schedule, n),
+                          "logsnr": logsnr_uniform_sigmas(schedule, n)}
+            row = {}
+            for name, sig in candidates.items():
+                from abcd_edge.samplers import make_sampler
+                from abcd_edge.trajectory import sample
+
+                images = np.concatenate([to_uint8(sample(den, make_sampler(sampler, schedule, sig), noise[k:k + 128])[0])
+                                         for k in range(0, samples, 128)])
+                row[name] = round(ref.fid(net.features(images)), 3)
+            best = min(v for k, v in row.items() if k != "learned")
+            row["learned_vs_best_baseline"] = round(row["learned"] / best - 1, 4)
+            table[f"{sampler}/n={n}"] = row
+            print(f"{sampler} n={n}: {row}", flush=True)
+    return {"samples": samples, "reference": f"generator seed {REFERENCE_SEED}, 2048 images",
+            "context": {"budget_ms": budget_ms, "rho": 1.0}, "feature_fid": table}
+
+
+if __name__ == "__main__":
+    import sys
+
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else paths.CALIBRATION_DIR / "demo" / "schedule_fid.json"
+    write_json_atomic(out, schedule_fid_table())

@@ -118,10 +118,11 @@ class CostModel:
         mean = self.step_mean_ms * self.correction + self.sampler_tail_ms + self.decision_tail_ms
         std = self.step_std_ms * self.correction
         spare = available_ms - self.finish_tail_ms - GUARD_SLACK_MS - (self.next_step_ms() - mean)
-        n = 0
-        while n < cap and (n + 1) * mean + 2.33 * math.sqrt(n + 1) * std <= spare:
-            n += 1
-        return n
+        if cap * mean + 2.33 * math.sqrt(cap) * std <= spare:
+            return cap
+        # n mean + z sqrt(n) std <= spare is a quadratic in sqrt(n)
+        root = (-2.33 * std + math.sqrt((2.33 * std) ** 2 + 4 * mean * max(spare, 0.0))) / (2 * mean)
+        return max(min(int(root * root + 1e-9), cap), 0)
 
 
 @dataclass
@@ -370,12 +371,14 @@ class AnytimeRuntime:
                         n, replans = len(smp), replans + 1
                 step_noise = rng.standard_normal(shape).astype(np.float32) if smp.stochastic else None
                 x, new_x0 = smp.step(x, i, out, noise=step_noise)
-                change = float(np.mean((new_x0 - x0) ** 2))
+                consult = self.controller is not None and use_exit_policy and rho < 1.0 and i < n - 1
+                change = float(np.mean((new_x0 - x0) ** 2)) if consult else 0.0
                 x0 = new_x0
                 predicted.append(round(pred, 4))
                 predicted_median.append(round(pred_median, 4))
                 measured.append(round(step_ms, 4))
-                if self.controller is not None and use_exit_policy and i < n - 1:
+                # rho = 1 asks for every bit of quality the budget allows: the policy is not consulted
+                if consult:
                     h = decision_features(float(smp.sigmas[i]), change, (i + 1) / n,
                                           self.clock.elapsed_ms() / limit_ms, ctx, SAMPLER_DESCRIPTORS[sampler])
                     if self.controller.p_stop(h) > self.controller.spec.threshold:

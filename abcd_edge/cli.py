@@ -203,5 +203,14 @@ def calibrate(artifact, profiles, samplers, out, iters, threads, seed) -> None:
         click.echo(f"  teacher MSE {key}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
 
 
+def _add_bench() -> None:
+    """`abcd-edge bench` lives with its library (abcd_edge/bench.py); registered here."""
+    from abcd_edge.bench import bench_command
+
+    main.add_command(bench_command, "bench")
+
+
+_add_bench()
+
 if __name__ == "__main__":
     main()

@@ -30,6 +30,10 @@ class Clock(Protocol):
         """Run ``call``; return (result or None if abandoned at ``guard_ms`` elapsed, step ms)."""
         ...
 
+    def disarm(self) -> None:
+        """The request's loop is over: nothing may be abandoned any more."""
+        ...
+
 
 class Watchdog:
     """One background thread that fires ``abandon`` when an armed deadline passes."""
@@ -86,13 +90,14 @@ class WallClock:
         self._armed: float | None = None
 
     def start(self) -> None:
-        self._disarm()
+        self.disarm()
         self._t0 = time.monotonic()
 
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self._t0) * 1e3
 
-    def _disarm(self) -> None:
+    def disarm(self) -> None:
+        """Stop guarding: the request's loop is over."""
         if self._armed is not None:
             self._watchdog.disarm()
             self._armed = None
@@ -102,7 +107,7 @@ class WallClock:
         # stays armed between steps (abandoning nothing when no call is in flight), which keeps the
         # per-step cost to the call itself — no thread wake-up per step.
         if guard_ms != self._armed:
-            self._disarm()
+            self.disarm()
             if guard_ms is not None:
                 self._watchdog.arm(self._t0 + guard_ms / 1e3, abandon)
                 self._armed = guard_ms
@@ -114,7 +119,7 @@ class WallClock:
         return result, (time.monotonic() - t0) * 1e3
 
     def close(self) -> None:
-        self._disarm()
+        self.disarm()
         self._watchdog.close()
 
 
@@ -157,6 +162,9 @@ class ReplayClock:
             return None, max(guard_ms - before, 0.0)
         self._charged += draw
         return result, draw
+
+    def disarm(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -384,6 +384,7 @@ class AnytimeRuntime:
                     if self.controller.p_stop(h) > self.controller.spec.threshold:
                         reason = "quality"
                         break
+            self.clock.disarm()
             images = to_uint8(np.asarray(x0, np.float32))
             latency = self.clock.elapsed_ms()
             reading = self.meter.stop()

@@ -107,11 +107,13 @@ class Sampler:
         step then heads for the new sigma_{i+1}. Multistep history stays valid (it holds
         the sigmas actually visited).
         """
-        sigmas = np.concatenate([np.asarray(self.sigmas[: i + 1], np.float64), np.asarray(future, np.float64)])
-        if np.any(np.diff(sigmas) >= 0) or sigmas[-1] <= 0:
+        future = np.asarray(future, np.float64)
+        sigmas = np.concatenate([np.asarray(self.sigmas[: i + 1], np.float64), future])
+        if np.any(np.diff(sigmas[i:]) >= 0) or sigmas[-1] <= 0:
             raise ValueError(f"replanned sigmas must stay positive and strictly decreasing, got {sigmas.tolist()}")
+        new_t = cm_time(future) if self.prediction_type == "consistency" else self.schedule.t_of_sigma(future)
         self.sigmas = sigmas
-        self.timesteps = cm_time(sigmas) if self.prediction_type == "consistency" else self.schedule.t_of_sigma(sigmas)
+        self.timesteps = np.concatenate([np.asarray(self.timesteps[: i + 1]), new_t])
 
     def __len__(self) -> int:
         return len(self.sigmas)

@@ -49,6 +49,9 @@ class StepClock:
         self.now += cost
         return out, cost
 
+    def disarm(self):
+        pass
+
     def close(self):
         pass
 

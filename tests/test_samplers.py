@@ -360,3 +360,24 @@ def test_ddim_clip_sample_matches_diffusers_default():
         assert np.abs(x0 - r.pred_original_sample.numpy()).max() <= 1e-5
         assert np.abs(x_next - r.prev_sample.numpy()).max() <= 1e-5
         x = r.prev_sample.numpy()
+
+
+def test_replan_replaces_future_sigmas_and_timesteps():
+    from abcd_edge.samplers import make_sampler
+    from abcd_edge.schedules import NoiseSchedule, time_uniform_sigmas
+
+    schedule = NoiseSchedule.from_config(dict(num_train_timesteps=1000, beta_schedule="linear"))
+    smp = make_sampler("dpmpp-2m", schedule, time_uniform_sigmas(schedule, 10))
+    x = smp.prepare(np.random.default_rng(0).standard_normal((1, 3, 4, 4)).astype(np.float32))
+    for i in range(2):
+        _, t = smp.model_input(x, i)
+        x, _ = smp.step(x, i, np.zeros_like(x))
+    future = np.array([0.8, 0.2])
+    smp.replan(1, future)
+    assert len(smp) == 4 and np.allclose(smp.sigmas[2:], future)
+    assert np.allclose(smp.timesteps, schedule.t_of_sigma(np.asarray(smp.sigmas)))
+    with pytest.raises(ValueError):
+        smp.replan(1, np.array([1000.0]))          # must stay below sigma_1
+    for i in range(2, 4):
+        x, x0 = smp.step(x, i, np.zeros_like(x))
+    assert np.isfinite(x).all()

@@ -29,6 +29,8 @@ from abcd_edge.profiler import DeviceProfile
 REPORT_SCHEMA_VERSION = 1
 EWMA_ALPHA = 0.3
 GUARD_SLACK_MS = 1.0       # watchdog wake-up + unwinding an abandoned call (OS scheduling, measured ~0.1-0.5 ms)
+ABANDON_FRACTION = 0.15    # ORT checks `terminate` between kernels: an abandon waits for the kernel in flight,
+                           # up to this share of a step (seen: 2.4 ms on a 16 ms batch-4 step)
 RULE_MAX_STEPS = 200       # the rule-based plan never goes past the teacher's step count
 SCHEDULES = ("auto", "controller", "uniform", "karras", "logsnr")
 
@@ -96,6 +98,11 @@ class CostModel:
     step_std_ms: float = 0.0
     correction: float = 1.0
 
+    @property
+    def guard_slack_ms(self) -> float:
+        """Time kept free after the guard fires: wake-up, the kernel in flight, unwinding."""
+        return GUARD_SLACK_MS + ABANDON_FRACTION * self.step_p50_ms * self.correction
+
     def next_step_ms(self) -> float:
         """The tail of the next step (denoiser + sampler + decision): what the hard rule adds."""
         return self.step_tail_ms * self.correction + self.sampler_tail_ms + self.decision_tail_ms
@@ -106,7 +113,7 @@ class CostModel:
 
     def steps_that_fit(self, available_ms: float) -> int:
         """The most steps whose tail each fits: K for static schedules (n x p99 + finishing <= B)."""
-        return max(int((available_ms - self.finish_tail_ms - GUARD_SLACK_MS) // self.next_step_ms()), 0)
+        return max(int((available_ms - self.finish_tail_ms - self.guard_slack_ms) // self.next_step_ms()), 0)
 
     def steps_expected_to_fit(self, available_ms: float, cap: int = 1000) -> int:
         """The most steps whose *sum* fits at the 99 % level: n mean + 2.33 sqrt(n) std + one tail + finishing.
@@ -117,7 +124,7 @@ class CostModel:
         """
         mean = self.step_mean_ms * self.correction + self.sampler_tail_ms + self.decision_tail_ms
         std = self.step_std_ms * self.correction
-        spare = available_ms - self.finish_tail_ms - GUARD_SLACK_MS - (self.next_step_ms() - mean)
+        spare = available_ms - self.finish_tail_ms - self.guard_slack_ms - (self.next_step_ms() - mean)
         if cap * mean + 2.33 * math.sqrt(cap) * std <= spare:
             return cap
         # n mean + z sqrt(n) std <= spare is a quadratic in sqrt(n)
@@ -240,7 +247,7 @@ class AnytimeRuntime:
         bp = self.profile.for_batch(batch)
         step_tail = bp.step.p99_ms
         finish_tail = bp.finish.p99_ms
-        if self.controller is not None:
+        if self.controller is not None and batch == 1:   # the predictor was trained on batch-1 profiles only
             from abcd_edge.controller import cost_features
 
             feats = cost_features(bp.step.p50_ms, bp.step.p99_ms, bp.finish.p50_ms, bp.finish.p99_ms,
@@ -255,7 +262,7 @@ class AnytimeRuntime:
     def minimum_ms(self, batch: int = 1, sampler: str = "ddim") -> float:
         """The smallest achievable response: one step + finishing at the tail."""
         cm = self.cost_model(batch, sampler)
-        return cm.next_step_ms() + cm.finish_tail_ms + GUARD_SLACK_MS
+        return cm.next_step_ms() + cm.finish_tail_ms + cm.guard_slack_ms
 
     def placement(self, schedule: str, budget: Budget, rho: float, sampler: str, batch: int) -> Placement:
         """The step placement for a request: the controller's density, or a fixed rule."""
@@ -350,12 +357,12 @@ class AnytimeRuntime:
             while i + 1 < n:           # n shrinks when the rest of the schedule is re-planned
                 i += 1
                 pred, pred_median = cm.next_step_ms(), cm.step_p50_ms * cm.correction
-                if (self.clock.elapsed_ms() + pred + cm.finish_tail_ms + GUARD_SLACK_MS > limit_ms
+                if (self.clock.elapsed_ms() + pred + cm.finish_tail_ms + cm.guard_slack_ms > limit_ms
                         and not (best_effort and i == 0)):
                     reason = "budget"
                     break
                 sample, t = smp.model_input(x, i)
-                guard = None if best_effort and i == 0 else limit_ms - cm.finish_tail_ms - GUARD_SLACK_MS
+                guard = None if best_effort and i == 0 else limit_ms - cm.finish_tail_ms - cm.guard_slack_ms
                 out, step_ms = self.clock.run_step(lambda: self.denoiser(sample, t), self.denoiser.abandon, guard)
                 if out is None:
                     reason = "guard"

@@ -71,7 +71,7 @@ def test_interrupted_profile_leaves_previous_good_file(tiny_artifact, tiny_profi
     before = target.read_bytes()
     for sig in (signal.SIGINT, signal.SIGKILL):
         proc = subprocess.Popen([sys.executable, "-m", "abcd_edge.cli", "profile", "--artifact", str(tiny_artifact),
-                                 "--threads", "1", "--runs", "100000", "--out", str(target)],
+                                 "--threads", "1", "--runs", "10000000", "--out", str(target)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(4.0)
         proc.send_signal(sig)

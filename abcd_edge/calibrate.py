@@ -512,6 +512,7 @@ class Calibration:
             "profiles": self.profile_paths, "config": asdict(self.cfg),
             "parameters": self.spec.n_parameters(),
             "final_losses": {k: float(np.mean(v[-20:])) for k, v in self.curves.items()},
+            "wg_curve": [round(v, 5) for v in self.curves.get("wg_loss", [])],
             "validation_teacher_mse": self.validate_schedules(ays),
             "exit_behaviour": self.exit_behaviour(),
             "cost_predictor": self.cost_error(),

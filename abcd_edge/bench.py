@@ -64,7 +64,7 @@ CSV_FIELDS = (
     "budget_ms", "sampler", "rho", "seed", "request", "request_seed", "batch", "status", "latency_ms",
     "utilisation", "deadline_met", "steps", "planned_steps", "exit_reason", "energy_mj", "teacher_mse",
     "teacher_psnr", "predicted_step_ms_mean", "measured_step_ms_mean", "cost_ape_sum", "cost_steps",
-    "cost_covered", "correction", "note",
+    "cost_covered", "correction", "note", "time_utc",
 )
 REF_SEED, REF_N = 4321, 2048
 VALIDATION_SEED_BASE = 10_000_000      # stepdrop tuning noise: disjoint from every request seed
@@ -720,6 +720,9 @@ def open_tier(tier: Tier, spec: GridSpec, batch: int) -> TierSession:
     cdir = _controller_dir(spec.controller, base.manifest.name)
     abcd = AnytimeRuntime(spec.artifact, profile=tier.profile_path, controller=str(cdir) if cdir else None,
                           backend=tier.backend, threads=threads, power="auto", clock=clock_abcd)
+    # one ORT session for every method: methods are interleaved request by request, and a second session's
+    # intra-op thread pool would go cold between its requests (measured: ~2x slower first steps at 2 threads)
+    abcd.denoiser = base.denoiser
     ays, _ = load_ays(cdir, abcd.manifest_hash)
     # warm the sessions; on a replay tier also time this machine's step for the overhead scale
     shape = (batch, base.manifest.channels, base.manifest.resolution, base.manifest.resolution)
@@ -727,7 +730,6 @@ def open_tier(tier: Tier, spec: GridSpec, batch: int) -> TierSession:
     t = np.full(batch, 500.0, np.float32)
     for _ in range(5):
         base.denoiser(x, t)
-        abcd.denoiser(x, t)
     local = None
     scale = 1.0
     if tier.simulated:
@@ -875,7 +877,7 @@ def _row(tier: Tier, sess: TierSession | None, method: str, detail: str, budget:
                energy_mj="", teacher_mse="" if teacher_mse is None else round(teacher_mse, 7),
                teacher_psnr="" if teacher_psnr is None else round(teacher_psnr, 4), predicted_step_ms_mean="",
                measured_step_ms_mean="", cost_ape_sum="", cost_steps="", cost_covered="", correction="",
-               note=note)
+               note=note, time_utc=datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
     if res is not None:
         row.update(latency_ms=round(res.latency_ms, 4), utilisation=float(f"{res.latency_ms / budget_ms:.6g}"),
                    deadline_met=bool(res.deadline_met), steps=round(float(res.steps), 4),
@@ -1039,6 +1041,10 @@ def _run_grid(spec, out, resume, quality, progress, tiers, log) -> Path:
         _write_csv(csv_path, [])
     feat_dir = out / "features"
     feat_dir.mkdir(exist_ok=True)
+    kept = {_slug(_block_key(r["tier"], r["budget"], r["sampler"], int(r["seed"]))) for r in rows}
+    for f in feat_dir.glob("*.npz"):          # features of blocks not in the CSV (a fresh start, a dropped block)
+        if f.name.split("__")[0] not in kept:
+            f.unlink()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     est = estimate_seconds(spec, tiers)
     meta = dict(config_key=key, grid=asdict(spec), samples_per_setting=spec.samples_per_setting,
@@ -1168,6 +1174,8 @@ def _run_tier(sess: TierSession, spec: GridSpec, todo, teacher: TeacherCache, qu
                 if quality is not None:
                     feats.setdefault(pk, []).append(np.asarray(quality.features(res.images), np.float32))
                     ontime.setdefault(pk, []).append(np.full(len(res.images), bool(res.deadline_met)))
+        for stale in feat_dir.glob(f"{_slug(bk)}__*.npz"):   # an earlier run's, e.g. a method now refused
+            stale.unlink()
         if quality is not None:
             for pk, fs in feats.items():
                 path = feat_dir / f"{_slug(bk)}__{_slug(pk)}.npz"

@@ -190,6 +190,11 @@ def replay_session(tiny_artifact, fixed_profile, tmp_path):
     sess.close()
 
 
+def test_all_methods_share_one_denoiser_session(replay_session):
+    sess, _, _ = replay_session
+    assert sess.abcd.denoiser is sess.base.denoiser
+
+
 def test_replay_clock_draws_from_the_profile(replay_session):
     sess, spec, _ = replay_session
     allowed = set(round(v, 5) for v in sess.base.profile.for_batch(1).step.samples_ms)
@@ -313,17 +318,23 @@ def test_micro_grid_end_to_end_and_resume(tiny_artifact, tiny_profile, tmp_path)
     for png in ("success_vs_budget_ddim.png", "utilisation.png"):
         assert (out / png).stat().st_size > 1000
 
+    assert all(r["time_utc"].startswith("20") for r in rows)
     # resume: nothing left to do -> no new rows
     bench.run_grid(spec, out, quality=q, progress=False, log=lambda s: None)
     assert len(list(csv.DictReader(open(out / "results.csv")))) == len(rows)
-    # a crash mid-block (its block-end row missing): only that block is redone
+    # a crash mid-block (its block-end row missing): only that block is redone, and a stale features file of
+    # that block (e.g. of a method that is now refused) does not survive the redo
     kept = rows[:-1]
     assert rows[-1]["status"] == "block-end"
+    n_feat = len(list((out / "features").glob("*.npz")))
+    stale = out / "features" / f"{rows[-1]['tier']}_{rows[-1]['budget']}_ddim_{rows[-1]['seed']}__oracle_all.npz"
+    stale.write_bytes(b"stale")
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(bench.CSV_FIELDS))
         w.writeheader()
         w.writerows(kept)
     bench.run_grid(spec, out, quality=q, progress=False, log=lambda s: None)
+    assert not stale.exists() and len(list((out / "features").glob("*.npz"))) == n_feat
     again = list(csv.DictReader(open(out / "results.csv")))
     assert len(again) == len(rows)
     blk = (rows[-1]["tier"], rows[-1]["budget"], rows[-1]["seed"])

@@ -1,10 +1,10 @@
-"""Denoisers: one call interface over ONNX Runtime, TensorRT plans and torch.
+"""Denoisers: one call interface over ONNX Runtime and TensorRT plans.
 
 ``denoiser(sample, timestep) -> prediction``. A call in flight can be abandoned
 from another thread (``abandon()``): ONNX Runtime checks ``RunOptions.terminate``
 between kernels; a TensorRT call is simply not waited for. An abandoned call
-raises :class:`Abandoned` in the caller. Nothing here imports torch at module
-level; the torch denoiser is for calibration and tests only.
+raises :class:`Abandoned` in the caller. Nothing here imports torch: calibration
+drives the diffusers UNet in torch directly (``calibrate.load_torch_unet``).
 """
 from __future__ import annotations
 
@@ -189,32 +189,6 @@ class TrtDenoiser:
 
     def abandon(self) -> None:
         self._abandon.set()
-
-
-class TorchDenoiser:
-    """A diffusers UNet in torch: calibration and tests only (never used by the runtime)."""
-
-    backend = "torch"
-
-    def __init__(self, unet, threads: int | None = None):
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.unet = unet.eval()
-        self._torch = torch
-
-    def __call__(self, sample, timestep):
-        torch = self._torch
-        as_numpy = isinstance(sample, np.ndarray)
-        s = torch.from_numpy(np.asarray(sample, np.float32)) if as_numpy else sample
-        t = torch.from_numpy(np.asarray(timestep, np.float32)) if as_numpy else timestep
-        with torch.set_grad_enabled(not as_numpy and torch.is_grad_enabled()):
-            out = self.unet(s, t).sample
-        return out.numpy() if as_numpy else out
-
-    def abandon(self) -> None:
-        """torch calls cannot be interrupted; calibration never needs it."""
 
 
 def open_denoiser(artifact_dir: str | Path, backend: str = "ort-cpu", threads: int | None = None,

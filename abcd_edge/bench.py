@@ -1569,7 +1569,8 @@ def render_summary(cells: list[dict], meta: dict, preds: list[dict], wins: list[
             L.append(f"- {k}: " + "; ".join(parts))
         L.append("")
     L.append("Plots: `success_vs_budget_*.png`, `fid_vs_budget_*.png`, `latency_hist_*.png`, `utilisation.png`.")
-    return "\n".join(L) + "\n"
+    text = "\n".join(L) + "\n"
+    return text.replace(str(paths.REPO_ROOT) + os.sep, "")   # repository paths shown relative
 
 
 def make_plots(out: Path, cells: list[dict]) -> list[str]:

@@ -260,8 +260,13 @@ class AnytimeRuntime:
                          correction=self.correction)
 
     def minimum_ms(self, batch: int = 1, sampler: str = "ddim") -> float:
-        """The smallest achievable response: one step + finishing at the tail."""
+        """The smallest achievable response: one step + finishing at the profile's tail.
+
+        Uses the profile (correction 1), not the running correction: a refused request takes no
+        step, so a minimum that followed the correction could never come back down.
+        """
         cm = self.cost_model(batch, sampler)
+        cm.correction = 1.0
         return cm.next_step_ms() + cm.finish_tail_ms + cm.guard_slack_ms
 
     def placement(self, schedule: str, budget: Budget, rho: float, sampler: str, batch: int) -> Placement:
@@ -395,7 +400,8 @@ class AnytimeRuntime:
             images = to_uint8(np.asarray(x0, np.float32))
             latency = self.clock.elapsed_ms()
             reading = self.meter.stop()
-            self.correction = cm.correction
+            # a request that took no step learned nothing: let the correction relax towards the profile
+            self.correction = cm.correction if measured else 1.0 + (cm.correction - 1.0) * (1 - EWMA_ALPHA)
             if best_effort and reason == "done" and limit_ms < minimum:
                 reason = "best-effort"
         energy_source = None

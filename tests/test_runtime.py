@@ -190,3 +190,17 @@ def test_runtime_imports_no_torch():
             "bad = [m for m in ('torch', 'diffusers', 'onnx') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_refusal_is_not_sticky(tiny_artifact, fixed_profile):
+    """A high running correction must not make every later request refused or stepless."""
+    rt = AnytimeRuntime(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none",
+                        clock=StepClock(1.0))
+    base = rt.minimum_ms()
+    rt.correction = 50.0                      # as after a burst of very slow steps
+    assert rt.minimum_ms() == pytest.approx(base)          # the minimum is the profile's, not the burst's
+    for _ in range(30):
+        _, rep = rt.generate(parse_budget("8ms"))
+        if rep.steps:
+            break
+    assert rep.steps >= 1 and rt.correction < 5.0

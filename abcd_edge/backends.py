@@ -55,6 +55,16 @@ def backend_unavailable_reason(backend: str) -> str | None:
     return None
 
 
+def _preload_cuda_libraries(ort) -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels, if present (onnxruntime >= 1.21 documents this)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception:  # libraries installed system-wide instead: the session finds them itself
+            pass
+
+
 class OrtDenoiser:
     """An ONNX Runtime session over ``denoiser.onnx``; one call at a time per instance."""
 
@@ -74,13 +84,21 @@ class OrtDenoiser:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        providers = [(_ORT_PROVIDERS[backend], provider_options or {})]
+        provider = _ORT_PROVIDERS[backend]
+        providers = [(provider, provider_options or {})]
         if backend != "ort-cpu":
             providers.append(("CPUExecutionProvider", {}))
+            _preload_cuda_libraries(ort)
         try:
             self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
         except Exception as exc:
             raise UserError(f"ONNX Runtime cannot load {str(onnx_path)!r}: {str(exc).splitlines()[0]}") from None
+        if self.session.get_providers()[0] != provider:
+            # ONNX Runtime falls back to the CPU, with only a log line, when a GPU
+            # provider cannot start (missing CUDA/cuDNN libraries, no device).
+            raise UserError(f"ONNX Runtime could not start {provider} for backend {backend!r} "
+                            f"(session providers: {', '.join(self.session.get_providers())}); "
+                            "check the CUDA/cuDNN libraries with `abcd-edge info`")
         self.backend = backend
         self.threads = threads
         self.provider_options = provider_options or {}

@@ -527,6 +527,7 @@ class Calibration:
         meta = ControllerMeta(schema_version=SCHEMA_VERSION, spec=asdict(self.spec),
                               manifest_hash=self.manifest_hash, artifact=self.manifest.name,
                               samplers=list(self.cfg.samplers), profiles=self.profile_paths,
+                              cost_backends=sorted({p.backend for p in self.profiles}),
                               n_parameters=self.spec.n_parameters(),
                               created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         with atomic_dir(self.out) as tmp:

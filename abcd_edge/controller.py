@@ -120,6 +120,9 @@ class ControllerMeta:
     n_parameters: int
     created_utc: str
     notes: dict = field(default_factory=dict)
+    # backends of the profiles the cost predictor was trained on: elsewhere its inputs
+    # (a one-hot it never saw set) are out of range and the runtime uses the profile's tails
+    cost_backends: list[str] = field(default_factory=list)
 
 
 class Controller:

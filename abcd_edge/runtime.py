@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,9 @@ EWMA_ALPHA = 0.3
 GUARD_SLACK_MS = 1.0       # watchdog wake-up + unwinding an abandoned call (OS scheduling, measured ~0.1-0.5 ms)
 ABANDON_FRACTION = 0.15    # ORT checks `terminate` between kernels: an abandon waits for the kernel in flight,
                            # up to this share of a step (seen: 2.4 ms on a 16 ms batch-4 step)
+WARMUP_CALLS = 5           # warm-up (see _warm_up): steady when the median of the last 5 calls
+WARMUP_TOLERANCE = 1.25    # is within 1.25 x the profile's step p50,
+WARMUP_MAX_S = 5.0         # or gives up (with a note) after 5 s per batch
 RULE_MAX_STEPS = 200       # the rule-based plan never goes past the teacher's step count
 SCHEDULES = ("auto", "controller", "uniform", "karras", "logsnr")
 
@@ -218,11 +222,47 @@ class AnytimeRuntime:
                             f"this is {device!r}; a foreign profile is never used to keep deadlines on the wall clock "
                             "(profile this machine, or replay it on a simulated clock with `abcd-edge bench`)")
         self.controller = self._load_controller(controller)
+        if self.controller is not None and backend not in self.controller.meta.cost_backends:
+            self.notes.append(f"cost predictor calibrated on {', '.join(self.controller.meta.cost_backends) or 'no'} "
+                              f"backend(s), not {backend}: step and finishing tails come from the profile")
         self.meter = telemetry.open_meter(power if power != "auto" else self.profile.power.meter
                                           if self.profile.power.meter != "none" else "auto")
         self.clock = clock or WallClock()
         self.correction = 1.0
         self._lock = threading.Lock()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run every profiled batch through the denoiser until it steps at the profile's pace.
+
+        A fresh session's first calls are slow: on the GPU, cuDNN searches its
+        convolution algorithms, the memory arena grows and the clocks ramp up
+        from idle (measured on an H200: 50 ms steps for the first ~0.3 s against
+        2.4 ms warm). The guard cannot cut a GPU call short, and a call it abandons
+        may leave the search unfinished, so this has to happen here, outside any
+        deadline: calls continue until the median of the last WARMUP_CALLS is
+        within WARMUP_TOLERANCE of the profile's p50, or WARMUP_MAX_S has passed.
+        On a simulated clock (a replayed profile of another device) the pace is
+        not comparable, so WARMUP_CALLS calls are all.
+        """
+        simulated = getattr(self.clock, "simulated", False)
+        shape = (self.manifest.channels, self.manifest.resolution, self.manifest.resolution)
+        for bp in self.profile.batches:
+            sample = np.zeros((bp.batch, *shape), np.float32)
+            timestep = np.full(bp.batch, self.schedule.num_train_timesteps // 2, np.float32)
+            times: list[float] = []
+            t_end = time.perf_counter() + WARMUP_MAX_S
+            while True:
+                t0 = time.perf_counter()
+                self.denoiser(sample, timestep)
+                times.append((time.perf_counter() - t0) * 1e3)
+                steady = len(times) >= WARMUP_CALLS and (
+                    simulated or float(np.median(times[-WARMUP_CALLS:])) <= WARMUP_TOLERANCE * bp.step.p50_ms)
+                if steady or time.perf_counter() > t_end:
+                    break
+            self.notes.append(f"warm-up batch {bp.batch}: {len(times)} calls in {sum(times):.0f} ms, first "
+                              f"{times[0]:.1f} ms, last {times[-1]:.1f} ms (profile p50 {bp.step.p50_ms:.2f} ms)"
+                              + ("" if steady else "; not steady yet: the first requests may run slow"))
 
     def _load_controller(self, controller):
         from abcd_edge.controller import Controller
@@ -247,7 +287,7 @@ class AnytimeRuntime:
         bp = self.profile.for_batch(batch)
         step_tail = bp.step.p99_ms
         finish_tail = bp.finish.p99_ms
-        if self.controller is not None and batch == 1:   # the predictor was trained on batch-1 profiles only
+        if self.uses_cost_predictor(batch):
             from abcd_edge.controller import cost_features
 
             feats = cost_features(bp.step.p50_ms, bp.step.p99_ms, bp.finish.p50_ms, bp.finish.p99_ms,
@@ -258,6 +298,11 @@ class AnytimeRuntime:
                          decision_tail_ms=self.profile.controller_decision.p99_ms if self.controller else 0.0,
                          step_mean_ms=bp.step.mean_ms, step_std_ms=bp.step.cv * bp.step.mean_ms,
                          correction=self.correction)
+
+    def uses_cost_predictor(self, batch: int) -> bool:
+        """The controller's cost predictor only inside what it was trained on: batch-1 profiles of its backends."""
+        return (self.controller is not None and batch == 1
+                and self.backend in self.controller.meta.cost_backends)
 
     def minimum_ms(self, batch: int = 1, sampler: str = "ddim") -> float:
         """The smallest achievable response: one step + finishing at the profile's tail.

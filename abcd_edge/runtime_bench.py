@@ -114,13 +114,19 @@ def main() -> None:
     ap.add_argument("--sampler", default="ddim")
     ap.add_argument("--quality", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", default="ort-cpu", help="ort-cpu, ort-cuda, ort-trt or trt")
+    ap.add_argument("--profile", type=Path, default=None, help="device profile (default: the committed one)")
+    ap.add_argument("--loads", default="quiet,busy", help="quiet, busy (one CPU core kept busy) or both")
     a = ap.parse_args()
+    loads = a.loads.split(",")
+    if not loads or set(loads) - {"quiet", "busy"}:
+        ap.error(f"--loads {a.loads!r}: accepted are quiet, busy or quiet,busy")
     budgets = a.budgets.split(",")
     counts = [int(v) for v in a.requests.split(",")]
     counts = counts * len(budgets) if len(counts) == 1 else counts
     rows = []
-    for busy in (False, True):
-        rt = AnytimeRuntime(a.artifact, threads=a.threads, power="auto")
+    for busy in (load == "busy" for load in loads):
+        rt = AnytimeRuntime(a.artifact, profile=a.profile, backend=a.backend, threads=a.threads, power="auto")
         try:
             with busy_core(busy):
                 for b, n in zip(budgets, counts):

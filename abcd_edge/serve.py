@@ -1,6 +1,7 @@
 """Serving requests from the CLI: one request, or N on a warm session with a summary."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from abcd_edge.budget import Budget
-from abcd_edge.io import write_json_atomic
+from abcd_edge.io import atomic_path
 from abcd_edge.runtime import AnytimeRuntime, RequestReport, save_png
 
 WARMUP_REQUESTS = 20
@@ -22,7 +23,7 @@ class ServeSummary:
     latency_p50_ms: float
     latency_p99_ms: float
     latency_max_ms: float
-    utilisation_mean: float      # latency / budget
+    utilisation_mean: float | None   # latency / budget, or energy / budget; None when unmeasured
     steps_mean: float
     exit_reasons: dict
     rss_mb_after_warmup: float | None
@@ -41,51 +42,89 @@ def rss_mb() -> float | None:
         return None
 
 
-def summarise(reports: list[RequestReport], rss_warm: float | None, rss_end: float | None) -> ServeSummary:
-    lat = np.array([r.latency_ms for r in reports])
-    budget_ms = np.array([r.budget_ms or np.nan for r in reports])
-    reasons: dict[str, int] = {}
-    for r in reports:
-        reasons[r.exit_reason] = reasons.get(r.exit_reason, 0) + 1
-    growth = (rss_end - rss_warm) / rss_warm if rss_warm and rss_end else None
-    return ServeSummary(
-        requests=len(reports), success_rate=float(np.mean([r.deadline_met for r in reports])),
-        latency_p50_ms=float(np.quantile(lat, 0.5)), latency_p99_ms=float(np.quantile(lat, 0.99)),
-        latency_max_ms=float(lat.max()), utilisation_mean=float(np.nanmean(lat / budget_ms)),
-        steps_mean=float(np.mean([r.steps for r in reports])), exit_reasons=reasons,
-        rss_mb_after_warmup=rss_warm, rss_mb_end=rss_end, rss_growth=growth,
-        machine_load_note=f"os.getloadavg at end: {os.getloadavg()[0]:.2f}",
-    )
+class RunningStats:
+    """What the summary needs from each request, in arrays sized once: memory stays flat over a soak."""
+
+    def __init__(self, requests: int):
+        self.latency_ms = np.full(requests, np.nan)
+        self.used = np.full(requests, np.nan)      # share of the budget used: latency or energy
+        self.met = np.zeros(requests, bool)
+        self.steps = np.zeros(requests, np.int32)
+        self.exit_reasons: dict[str, int] = {}
+        self.count = 0
+
+    def add(self, rep: RequestReport) -> None:
+        k = self.count
+        self.latency_ms[k], self.met[k], self.steps[k] = rep.latency_ms, rep.deadline_met, rep.steps
+        if rep.budget_mj:
+            self.used[k] = rep.energy_mj / rep.budget_mj if rep.energy_mj is not None else np.nan
+        else:
+            self.used[k] = rep.latency_ms / rep.budget_ms
+        self.exit_reasons[rep.exit_reason] = self.exit_reasons.get(rep.exit_reason, 0) + 1
+        self.count += 1
+
+    def summary(self, rss_warm: float | None, rss_end: float | None) -> ServeSummary:
+        n = self.count
+        lat = self.latency_ms[:n]
+        growth = (rss_end - rss_warm) / rss_warm if rss_warm and rss_end else None
+        return ServeSummary(
+            requests=n, success_rate=float(np.mean(self.met[:n])),
+            latency_p50_ms=float(np.quantile(lat, 0.5)), latency_p99_ms=float(np.quantile(lat, 0.99)),
+            latency_max_ms=float(lat.max()), utilisation_mean=_nanmean(self.used[:n]),
+            steps_mean=float(np.mean(self.steps[:n])), exit_reasons=dict(self.exit_reasons),
+            rss_mb_after_warmup=rss_warm, rss_mb_end=rss_end, rss_growth=growth,
+            machine_load_note=f"os.getloadavg at end: {os.getloadavg()[0]:.2f}",
+        )
+
+
+def _nanmean(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
 
 
 def serve(budget: Budget, rho: float, sampler: str, schedule: str, seed: int, batch: int, artifact: str,
           profile: str | None, controller: str | None, backend: str, threads: int, power: str,
           best_effort: bool, requests: int, out: Path, report: Path) -> str:
-    """Run the requests; write the last image and the report after the clocks stop; return a summary line."""
+    """Run the requests; write the last image and the report after the clocks stop; return a summary line.
+
+    With several requests, each request's row is streamed into the report's temp
+    file between requests (after its clock stopped), so nothing grows with N in
+    memory; the report is renamed into place only when all requests are done.
+    """
     from tqdm import tqdm
 
     rt = AnytimeRuntime(artifact, profile=profile, controller=controller, backend=backend, threads=threads,
                         power=power)
+    stats = RunningStats(requests)
+    rss_warm = None
+    images = rep = None
     try:
-        reports: list[RequestReport] = []
-        rss_warm = None
-        images = None
-        for k in tqdm(range(requests), desc="requests", unit="req", disable=requests < 50, file=sys.stderr):
-            images, rep = rt.generate(budget, rho=rho, sampler=sampler, seed=seed + k, batch=batch,
-                                      best_effort=best_effort, schedule=schedule)
-            reports.append(rep)
-            if k + 1 == min(WARMUP_REQUESTS, requests):
-                rss_warm = rss_mb()
+        with atomic_path(report) as tmp, open(tmp, "w") as rows:
+            rows.write('{"schema_version": 1, "requests": [\n')
+            for k in tqdm(range(requests), desc="requests", unit="req", disable=requests < 50, file=sys.stderr):
+                images, rep = rt.generate(budget, rho=rho, sampler=sampler, seed=seed + k, batch=batch,
+                                          best_effort=best_effort, schedule=schedule)
+                stats.add(rep)
+                rows.write((",\n" if k else "") + json.dumps(rep.to_json()))
+                if k + 1 == min(WARMUP_REQUESTS, requests):
+                    rss_warm = rss_mb()
+            summary = stats.summary(rss_warm, rss_mb())
+            if requests == 1:
+                rows.seek(0)
+                rows.truncate()
+                rows.write(json.dumps(rep.to_json(), indent=2) + "\n")
+            else:
+                rows.write('\n], "summary": ' + json.dumps(asdict(summary), indent=2) + "}\n")
     finally:
         rt.close()
     save_png(images, out)
     if requests == 1:
-        write_json_atomic(report, reports[0].to_json())
-        return reports[0].summary_line() + f"  -> {out}, {report}"
-    summary = summarise(reports, rss_warm, rss_mb())
-    write_json_atomic(report, {"schema_version": 1, "summary": asdict(summary),
-                               "requests": [r.to_json() for r in reports]})
+        return rep.summary_line() + f"  -> {out}, {report}"
     return (f"{summary.requests} requests: success {summary.success_rate:.2%}, latency p50 "
             f"{summary.latency_p50_ms:.1f} / p99 {summary.latency_p99_ms:.1f} / max {summary.latency_max_ms:.1f} ms "
-            f"(budget {budget}), utilisation {summary.utilisation_mean:.2f}, mean steps {summary.steps_mean:.1f}, "
-            f"RSS growth {summary.rss_growth if summary.rss_growth is not None else float('nan'):+.1%}  -> {report}")
+            f"(budget {budget}), utilisation {_fmt(summary.utilisation_mean, '.2f')}, mean steps {summary.steps_mean:.1f}, "
+            f"RSS growth {_fmt(summary.rss_growth, '+.1%')}  -> {report}")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)

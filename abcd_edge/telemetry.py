@@ -103,6 +103,7 @@ class PowerMeter:
 
     name = "base"
     scope = ""
+    counter_refresh_s = 0.0   # windows shorter than this integrate power samples instead of the counter
 
     def __init__(self, interval_s: float = 0.05) -> None:
         interval_s = float(interval_s)
@@ -224,7 +225,9 @@ class PowerMeter:
             return PowerReading(self.name, None, None, None, duration, n, self.interval_s,
                                 warnings + [failure], self.scope)
         energy_mj = None
-        if len(counter) >= 2 and counter[0][0] == t_first and counter[-1][0] == t_last:
+        if duration < self.counter_refresh_s and len(samples) >= 2:
+            pass   # a counter that refreshes less often than the window reads 0 or a whole refresh: use samples
+        elif len(counter) >= 2 and counter[0][0] == t_first and counter[-1][0] == t_last:
             delta = counter[-1][1] - counter[0][1]
             if delta >= 0:
                 energy_mj = delta
@@ -437,6 +440,7 @@ class NvmlMeter(PowerMeter):
     """
 
     name = "nvml"
+    counter_refresh_s = NVML_COUNTER_RESOLUTION_S
 
     def __init__(self, interval_s: float = 0.05, device_index: int = 0) -> None:
         super().__init__(interval_s)
@@ -493,7 +497,8 @@ class NvmlMeter(PowerMeter):
         reading = super()._stop()
         if reading.ok and self.has_energy_counter and reading.duration_s < NVML_COUNTER_RESOLUTION_S:
             reading.warnings.append(
-                f"window {reading.duration_s:.3f}s is shorter than NVML's energy counter refresh (~20-100 ms): energy is coarse")
+                f"window {reading.duration_s:.3f}s is shorter than NVML's energy counter refresh (~20-100 ms): "
+                "energy from the power samples at its edges")
         return reading
 
     def _close_resource(self) -> None:

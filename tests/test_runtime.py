@@ -204,3 +204,12 @@ def test_refusal_is_not_sticky(tiny_artifact, fixed_profile):
         if rep.steps:
             break
     assert rep.steps >= 1 and rt.correction < 5.0
+
+
+def test_gpu_backend_silently_on_cpu_is_refused(tiny_artifact, monkeypatch):
+    """ONNX Runtime drops an unavailable CUDA provider with only a log line; we refuse instead."""
+    from abcd_edge import backends
+
+    monkeypatch.setattr(backends, "backend_unavailable_reason", lambda backend: None)
+    with pytest.raises(UserError, match="could not start CUDAExecutionProvider"):
+        backends.OrtDenoiser(tiny_artifact / "denoiser.onnx", backend="ort-cuda", threads=1)

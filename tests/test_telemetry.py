@@ -415,3 +415,17 @@ def test_stop_without_start_is_a_reading_not_an_error(monkeypatch):
     with open_meter("nvml") as meter:
         r = meter.stop()
     assert r.energy_mj is None and "without start" in r.warnings[0]
+
+
+def test_nvml_window_shorter_than_counter_refresh_uses_power_samples(monkeypatch):
+    # NVML's counter refreshes every ~100 ms: a 10 ms window would read 0 J or a whole refresh (10 J at 100 W).
+    fake = make_pynvml(power_mw=40_000, counter=lambda: 100.0 * (time.monotonic() // 0.1) * 0.1 * 1000.0)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    meter = open_meter("nvml", interval_s=FAST)
+    with meter.measure() as m:
+        time.sleep(0.01)
+    meter.close()
+    r = m.reading
+    assert r.duration_s < 0.1
+    assert r.energy_mj == pytest.approx(40.0 * r.duration_s * 1000.0, rel=1e-6)
+    assert any("power samples at its edges" in w for w in r.warnings)

@@ -605,7 +605,7 @@ class TeacherCache:
                 out[s] = self._mem[key]
             elif self._path(s, batch).is_file():
                 try:
-                    out[s] = self._mem[key] = np.load(self._path(s, batch))
+                    out[s] = self._mem[key] = np.load(self._path(s, batch), allow_pickle=False)
                 except (OSError, ValueError):
                     missing.append(s)
             else:
@@ -899,10 +899,14 @@ def _block_key(tier: str, budget: str, sampler: str, seed: int) -> str:
 
 
 def _read_csv(path: Path) -> list[dict]:
+    """The complete rows of results.csv; a last line cut short by a kill is dropped from the file too."""
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        write_bytes_atomic(path, text.encode())
+    return list(csv.DictReader(text.splitlines(keepends=True)))
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -1315,7 +1319,7 @@ def compute_cells(out: Path, quality_fid: Callable | None = None) -> tuple[list[
                     for s in seeds:
                         path = feat_dir / f"{_slug(_block_key(tier, budget, sampler, s))}__{_slug(pk)}.npz"
                         if path.is_file():
-                            with np.load(path) as z:
+                            with np.load(path, allow_pickle=False) as z:
                                 per_seed.append(z["features"][z["on_time"].astype(bool)])
                     if per_seed:
                         cell.n_on_time = int(sum(len(p) for p in per_seed))

@@ -234,6 +234,10 @@ def load_manifest(artifact_dir: str | os.PathLike, verify_hashes: bool = True) -
         raise UserError(f"no {MANIFEST_NAME} in {str(artifact_dir)!r}: not an abcd-edge artifact "
                         "(make one with `abcd-edge export`)")
     m = Manifest.from_json(path.read_bytes(), where=str(path))
+    for fname in m.files:   # names are plain (the schema checks); a link could still lead out of the folder
+        if (artifact_dir / fname).is_symlink():
+            raise UserError(f"artifact file {str(artifact_dir / fname)!r} is a symbolic link: artifact files must "
+                            "be plain files inside the artifact folder")
     if verify_hashes:
         for fname, digest in m.files.items():
             f = artifact_dir / fname

@@ -64,3 +64,19 @@ def fixed_profile(tiny_profile, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("profiles") / "fixed.json"
     prof.save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def calibrated(tiny_artifact, tiny_model_dir, fixed_profile, tmp_path_factory):
+    """A short real calibration of the tiny artifact: (folder, report)."""
+    from diffusers import UNet2DModel
+
+    from abcd_edge.calibrate import CalibrationConfig, calibrate
+
+    unet = UNet2DModel.from_pretrained(tiny_model_dir / "unet").eval().requires_grad_(False)
+    out = tmp_path_factory.mktemp("cal") / "tiny"
+    cfg = CalibrationConfig(samplers=("ddim",), train_noises=16, val_noises=8, wg_iters=40, wg_batch=4,
+                            n_train_max=4, trace_contexts=12, trace_batch=4, trace_max_steps=8, policy_iters=40,
+                            cost_iters=60, ays_steps=(3,), ays_iters=5, threads=1)
+    report = calibrate(tiny_artifact, [fixed_profile], out, cfg, progress=False, unet=unet)
+    return out, report

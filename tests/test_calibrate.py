@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -57,21 +58,6 @@ def test_inverse_cdf_placement_differentiable():
     assert torch.autograd.gradcheck(lambda w: sigmas_from_density(w, 5, -4.0, 4.0, xp=torch), (d,))
 
 
-@pytest.fixture(scope="module")
-def calibrated(tiny_artifact, tiny_model_dir, fixed_profile, tmp_path_factory):
-    from diffusers import UNet2DModel
-
-    from abcd_edge.calibrate import CalibrationConfig, calibrate
-
-    unet = UNet2DModel.from_pretrained(tiny_model_dir / "unet").eval().requires_grad_(False)
-    out = tmp_path_factory.mktemp("cal") / "tiny"
-    cfg = CalibrationConfig(samplers=("ddim",), train_noises=16, val_noises=8, wg_iters=40, wg_batch=4,
-                            n_train_max=4, trace_contexts=12, trace_batch=4, trace_max_steps=8, policy_iters=40,
-                            cost_iters=60, ays_steps=(3,), ays_iters=5, threads=1)
-    report = calibrate(tiny_artifact, [fixed_profile], out, cfg, progress=False, unet=unet)
-    return out, report
-
-
 def test_tiny_calibration_end_to_end(calibrated, tiny_artifact):
     from abcd_edge.manifest import manifest_hash
 
@@ -120,3 +106,23 @@ def test_calibrate_bad_input(tiny_artifact, fixed_profile, tmp_path):
     other.write_text(json.dumps(data))
     with pytest.raises(UserError, match="another artifact"):
         calibrate(tiny_artifact, [other], tmp_path / "c", CalibrationConfig(), progress=False)
+
+
+def test_cost_predictor_only_on_its_calibrated_backends(calibrated, tiny_artifact, fixed_profile, tmp_path):
+    from abcd_edge.runtime import AnytimeRuntime
+
+    out, _ = calibrated
+    assert json.loads((out / "controller.json").read_text())["cost_backends"] == ["ort-cpu"]
+    other = tmp_path / "ctl"
+    shutil.copytree(out, other)
+    meta = json.loads((other / "controller.json").read_text())
+    meta["cost_backends"] = ["ort-cuda"]               # as if calibrated on GPU profiles only
+    (other / "controller.json").write_text(json.dumps(meta))
+    rt = AnytimeRuntime(tiny_artifact, profile=fixed_profile, controller=other, threads=1, power="none")
+    try:
+        assert not rt.uses_cost_predictor(1)
+        assert any("cost predictor calibrated on ort-cuda" in n for n in rt.notes)
+        bp = rt.profile.for_batch(1)
+        assert rt.cost_model(1, "ddim").step_tail_ms == bp.step.p99_ms
+    finally:
+        rt.close()

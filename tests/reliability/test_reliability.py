@@ -63,6 +63,32 @@ def test_truncated_onnx_refused(tiny_artifact, tmp_path):
         OrtDenoiser(art / "denoiser.onnx")
 
 
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "abcd_edge.cli", *map(str, args)]
+
+
+def _interrupt(cmd: list[str], after_s: float, sig: signal.Signals, when=lambda: True) -> int:
+    """Start ``cmd``; once ``after_s`` has passed and ``when()`` holds, send ``sig`` (it must still be
+    running then); return its exit code."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(after_s)
+    while not when() and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"{cmd[3]} ended before it could be interrupted"
+    proc.send_signal(sig)
+    return proc.wait(timeout=60)
+
+
+def _snapshot(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _drop_temp_leftovers(parent, name: str) -> None:
+    """SIGKILL can leave the writer's temp file or folder beside the target (never the target itself)."""
+    for leftover in parent.glob(f".{name}.*.tmp"):
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+
 def test_interrupted_profile_leaves_previous_good_file(tiny_artifact, tiny_profile, tmp_path):
     from abcd_edge.profiler import load_profile
 
@@ -70,17 +96,162 @@ def test_interrupted_profile_leaves_previous_good_file(tiny_artifact, tiny_profi
     shutil.copy(tiny_profile, target)
     before = target.read_bytes()
     for sig in (signal.SIGINT, signal.SIGKILL):
-        proc = subprocess.Popen([sys.executable, "-m", "abcd_edge.cli", "profile", "--artifact", str(tiny_artifact),
-                                 "--threads", "1", "--runs", "10000000", "--out", str(target)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(4.0)
-        proc.send_signal(sig)
-        proc.wait(timeout=30)
+        _interrupt(_cli("profile", "--artifact", tiny_artifact, "--threads", "1", "--runs", "10000000",
+                        "--out", target), 4.0, sig)
         assert target.read_bytes() == before
         load_profile(target)
-        assert not list(tmp_path.glob(".p.json.*"))           # no temp file left behind after SIGINT
-        for leftover in tmp_path.glob(".p.json.*"):            # SIGKILL may leave a temp file; never the target
-            leftover.unlink()
+        if sig == signal.SIGINT:
+            assert not list(tmp_path.glob(".p.json.*"))          # no temp file left behind after SIGINT
+        _drop_temp_leftovers(tmp_path, "p.json")
+
+
+def test_interrupted_serving_leaves_previous_report(tiny_artifact, tiny_profile, tmp_path):
+    """`run --requests N` streams its rows into a temp file: a kill mid-way leaves the last report whole."""
+    report, image = tmp_path / "r.json", tmp_path / "r.png"
+    cmd = _cli("run", "--budget", "20ms", "--artifact", tiny_artifact, "--profile", tiny_profile, "--threads", "1",
+               "--controller", "none", "--power", "none", "--out", image, "--report", report)
+    subprocess.run(cmd + ["--requests", "3"], check=True, capture_output=True)
+    before = report.read_bytes()
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        _interrupt(cmd + ["--requests", "1000000"], 4.0, sig)
+        assert report.read_bytes() == before and json.loads(before)["summary"]["requests"] == 3
+        if sig == signal.SIGINT:
+            assert not list(tmp_path.glob(".r.json.*"))
+        _drop_temp_leftovers(tmp_path, "r.json")
+
+
+def test_interrupted_export_leaves_previous_good_artifact(tiny_model_dir, tiny_artifact, tmp_path):
+    from abcd_edge.manifest import load_manifest
+
+    # how long until an export's folder is in place (the process itself lives on a while, tearing torch down)
+    proc = subprocess.Popen(_cli("export", "--model", tiny_model_dir, "--out", tmp_path / "timing"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    while not (tmp_path / "timing" / "manifest.json").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    written_s = time.monotonic() - t0
+    assert proc.wait(timeout=120) == 0
+    target = _copy_artifact(tiny_artifact, tmp_path / "art")
+    before = _snapshot(target)
+    for sig, share in ((signal.SIGINT, 0.5), (signal.SIGKILL, 0.8)):
+        assert _interrupt(_cli("export", "--model", tiny_model_dir, "--out", target), share * written_s, sig) != 0
+        assert _snapshot(target) == before
+        load_manifest(target)
+        _drop_temp_leftovers(tmp_path, "art")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "timing"]
+
+
+def test_interrupted_calibration_leaves_previous_good_controller(calibrated, tiny_artifact, fixed_profile, tmp_path):
+    from abcd_edge.controller import Controller
+    from abcd_edge.manifest import manifest_hash
+
+    target = tmp_path / "cal"
+    shutil.copytree(calibrated[0], target)
+    before = _snapshot(target)
+    cmd = _cli("calibrate", "--artifact", tiny_artifact, "--profile", fixed_profile, "--samplers", "ddim",
+               "--threads", "1", "--out", target)
+    for sig, after_s in ((signal.SIGINT, 6.0), (signal.SIGKILL, 9.0)):
+        assert _interrupt(cmd, after_s, sig) != 0
+        assert _snapshot(target) == before
+        Controller.load(target, manifest_hash(tiny_artifact))
+        _drop_temp_leftovers(tmp_path, "cal")
+
+
+def test_interrupted_bench_resumes_to_the_complete_grid(tiny_artifact, tiny_profile, tmp_path):
+    import csv
+
+    args = ("bench", "--profiles", tiny_profile, "--budgets", "30ms,60ms", "--samplers", "ddim", "--quality", "0.9",
+            "--methods", "uniform,karras", "--seeds", "3", "--samples", "24", "--batch", "1", "--artifact",
+            tiny_artifact, "--controller", "none", "--teacher-steps", "10")
+    subprocess.run(_cli(*args, "--out", tmp_path / "ref"), check=True, capture_output=True)
+    out = tmp_path / "run"
+
+    def rows_written(at_least: int):
+        path = out / "results.csv"
+        return lambda: path.is_file() and path.read_text().count("\n") > at_least
+
+    for sig, at_least in ((signal.SIGKILL, 30), (signal.SIGINT, 70)):    # of 96 served rows + block ends
+        assert _interrupt(_cli(*args, "--out", out), 0.0, sig, when=rows_written(at_least)) != 0
+        rows = list(csv.DictReader(open(out / "results.csv")))      # parseable after every kill
+        assert all(r["status"] for r in rows)
+    subprocess.run(_cli(*args, "--out", out), check=True, capture_output=True)
+
+    def served(folder):
+        rows = list(csv.DictReader(open(folder / "results.csv")))
+        return sorted((r["tier"], r["budget"], r["seed"], r["method"], r["request"]) for r in rows
+                      if r["status"] == "ok")
+
+    assert served(out) == served(tmp_path / "ref") and len(served(out)) == 2 * 2 * 24
+    assert json.loads((out / "bench.json").read_text())["finished_utc"]
+
+
+def test_bench_results_cut_short_by_a_kill_are_repaired(tmp_path):
+    from abcd_edge import bench
+
+    path = tmp_path / "results.csv"
+    row = {k: "1" for k in bench.CSV_FIELDS} | {"status": "ok"}
+    bench._write_csv(path, [row, row])
+    text = path.read_text()
+    path.write_text(text + text.splitlines(keepends=True)[1][:10])   # a kill in the middle of a row
+    assert len(bench._read_csv(path)) == 2
+    assert path.read_text() == text
+
+
+def test_onnx_external_data_only_from_the_artifact_folder(tiny_artifact, tmp_path):
+    """Weights referenced outside the artifact folder (climbing out, absolute, or through a link) never load."""
+    import onnx
+
+    from abcd_edge.backends import OrtDenoiser
+    from abcd_edge.manifest import load_manifest
+
+    art = _copy_artifact(tiny_artifact, tmp_path / "art")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    onnx.save_model(onnx.load(str(art / "denoiser.onnx")), str(outside / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="w.data", size_threshold=0)
+    model = onnx.load(str(outside / "m.onnx"), load_external_data=False)
+    for location in ("../outside/w.data", str(outside / "w.data")):
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        (art / "denoiser.onnx").write_bytes(model.SerializeToString())
+        with pytest.raises(UserError, match="cannot load"):          # ONNX Runtime's own path validation
+            OrtDenoiser(art / "denoiser.onnx", threads=1)
+    manifest = json.loads((art / "manifest.json").read_text())
+    for name in ("../outside/w.data", "denoiser.onnx.data"):
+        if name == "denoiser.onnx.data":
+            (art / name).symlink_to(outside / "w.data")
+        files = dict(manifest["files"], **{name: "0" * 64})
+        (art / "manifest.json").write_text(json.dumps(dict(manifest, files=files)))
+        with pytest.raises(UserError, match="plain file"):
+            load_manifest(art, verify_hashes=False)
+
+
+class _Planted:
+    """Unpickling this calls open(path, "w"): what a hostile pickle could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_pickled_weights_never_run_code(tiny_model_dir, tmp_path):
+    """A model folder with only a pickle .bin: loaded with torch.load(weights_only=True) or refused."""
+    import torch
+
+    from abcd_edge.export import load_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    marker = tmp_path / "planted"
+    torch.save({"conv_in.weight": _Planted(marker)}, model / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(UserError, match="cannot load the UNet"):
+        load_model(str(model))
+    assert not marker.exists()
 
 
 def test_threads_one_runtime_each_give_independent_correct_results(tiny_artifact, fixed_profile):

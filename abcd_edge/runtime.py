@@ -32,6 +32,7 @@ EWMA_ALPHA = 0.3
 GUARD_SLACK_MS = 1.0       # watchdog wake-up + unwinding an abandoned call (OS scheduling, measured ~0.1-0.5 ms)
 ABANDON_FRACTION = 0.15    # ORT checks `terminate` between kernels: an abandon waits for the kernel in flight,
                            # up to this share of a step (seen: 2.4 ms on a 16 ms batch-4 step)
+COST_PREDICTOR_TOLERANCE = 0.25   # the predictor's step tail may differ this much from the profile's p99
 WARMUP_CALLS = 5           # warm-up (see _warm_up): steady when the median of the last 5 calls
 WARMUP_TOLERANCE = 1.25    # is within 1.25 x the profile's step p50,
 WARMUP_MAX_S = 5.0         # or gives up (with a note) after 5 s per batch
@@ -222,9 +223,7 @@ class AnytimeRuntime:
                             f"this is {device!r}; a foreign profile is never used to keep deadlines on the wall clock "
                             "(profile this machine, or replay it on a simulated clock with `abcd-edge bench`)")
         self.controller = self._load_controller(controller)
-        if self.controller is not None and backend not in self.controller.meta.cost_backends:
-            self.notes.append(f"cost predictor calibrated on {', '.join(self.controller.meta.cost_backends) or 'no'} "
-                              f"backend(s), not {backend}: step and finishing tails come from the profile")
+        self._predicted_tails = self._cost_predictor_tails()
         self.meter = telemetry.open_meter(power if power != "auto" else self.profile.power.meter
                                           if self.profile.power.meter != "none" else "auto")
         self.clock = clock or WallClock()
@@ -288,11 +287,7 @@ class AnytimeRuntime:
         step_tail = bp.step.p99_ms
         finish_tail = bp.finish.p99_ms
         if self.uses_cost_predictor(batch):
-            from abcd_edge.controller import cost_features
-
-            feats = cost_features(bp.step.p50_ms, bp.step.p99_ms, bp.finish.p50_ms, bp.finish.p99_ms,
-                                  batch, self.backend, 1.0)
-            step_tail, finish_tail = self.controller.predict_cost_ms(feats)
+            step_tail, finish_tail = self._predicted_tails
         return CostModel(step_p50_ms=bp.step.p50_ms, step_tail_ms=step_tail, finish_tail_ms=finish_tail,
                          sampler_tail_ms=bp.sampler_ms[sampler].p99_ms,
                          decision_tail_ms=self.profile.controller_decision.p99_ms if self.controller else 0.0,
@@ -300,9 +295,33 @@ class AnytimeRuntime:
                          correction=self.correction)
 
     def uses_cost_predictor(self, batch: int) -> bool:
-        """The controller's cost predictor only inside what it was trained on: batch-1 profiles of its backends."""
-        return (self.controller is not None and batch == 1
-                and self.backend in self.controller.meta.cost_backends)
+        return batch == 1 and self._predicted_tails is not None
+
+    def _cost_predictor_tails(self) -> tuple[float, float] | None:
+        """The controller's (step, finishing) tails for batch 1, where it may be trusted, else None (noted).
+
+        Only inside what it was trained on (batch-1 profiles of its backends), and only
+        while it agrees with this device's measured p99 within COST_PREDICTOR_TOLERANCE:
+        the profile is a measurement of this very device, the predictor a model fitted
+        on a few others; where they disagree the measurement wins.
+        """
+        from abcd_edge.controller import cost_features
+
+        if self.controller is None:
+            return None
+        if self.backend not in self.controller.meta.cost_backends:
+            self.notes.append(f"cost predictor calibrated on {', '.join(self.controller.meta.cost_backends) or 'no'} "
+                              f"backend(s), not {self.backend}: step and finishing tails come from the profile")
+            return None
+        bp = self.profile.for_batch(1)
+        tails = self.controller.predict_cost_ms(cost_features(bp.step.p50_ms, bp.step.p99_ms, bp.finish.p50_ms,
+                                                              bp.finish.p99_ms, 1, self.backend, 1.0))
+        if abs(tails[0] / bp.step.p99_ms - 1) > COST_PREDICTOR_TOLERANCE:
+            self.notes.append(f"cost predictor's step tail {tails[0]:.2f} ms disagrees with the profile's measured "
+                              f"p99 {bp.step.p99_ms:.2f} ms by more than {COST_PREDICTOR_TOLERANCE:.0%}: "
+                              "the profile's tails are used")
+            return None
+        return tails
 
     def minimum_ms(self, batch: int = 1, sampler: str = "ddim") -> float:
         """The smallest achievable response: one step + finishing at the profile's tail.

@@ -2,8 +2,10 @@
 
 For each budget: N requests on one warm session (wall clock), quiet and with one
 CPU core kept busy by another process. Reports the success rate, steps executed
-vs the physical limit floor((B - finish) / p50 step), the loop's overhead vs a
-bare ONNX Runtime loop doing the same steps, and how well the step-latency
+vs the physical limit floor((B - finish) / median step measured in that row; the
+profile's p50 gives `profile_limit_steps`), the loop's overhead vs a
+bare ONNX Runtime loop doing the same steps right after the request (paired, so
+drifts in the machine's pace cancel), and how well the step-latency
 prediction (p50 x online correction) matched each measured step.
 
     python -m abcd_edge.runtime_bench --out bench/runtime --requests 1000
@@ -22,6 +24,7 @@ import numpy as np
 
 from abcd_edge import paths
 from abcd_edge.budget import parse_budget
+from abcd_edge.errors import UserError
 from abcd_edge.io import write_bytes_atomic, write_json_atomic
 
 
@@ -46,37 +49,38 @@ def busy_core(enabled: bool):
         proc.join()
 
 
-def overhead(rt, reports, sampler: str) -> float:
-    """Median over requests of (runtime latency / bare loop time for the same steps) - 1."""
+OVERHEAD_PAIRS = 100       # requests each followed at once by a bare loop of the same steps
+
+
+def bare_loop_ms(rt, rep, sampler: str) -> float:
+    """The same steps as request ``rep`` (its noise, its final sigmas), run as a bare ORT loop."""
     from abcd_edge.samplers import make_sampler
 
     shape = (1, rt.manifest.channels, rt.manifest.resolution, rt.manifest.resolution)
-    ratios = []
-    for rep in reports:
-        if rep.steps == 0:
-            continue
-        noise = np.random.default_rng(rep.seed).standard_normal(shape).astype(np.float32)
-        smp = make_sampler(sampler, rt.schedule, np.asarray(rep.sigmas), rt.manifest.prediction_type)
-        t0 = time.perf_counter()
-        x = smp.prepare(noise)
-        for i in range(rep.steps):
-            sample, t = smp.model_input(x, i)
-            x, x0 = smp.step(x, i, rt.denoiser(sample, t))
-        bare = (time.perf_counter() - t0) * 1e3
-        ratios.append(rep.latency_ms / bare - 1)
-    return float(np.median(ratios))
+    noise = np.random.default_rng(rep.seed).standard_normal(shape).astype(np.float32)
+    smp = make_sampler(sampler, rt.schedule, np.asarray(rep.sigmas), rt.manifest.prediction_type)
+    t0 = time.perf_counter()
+    x = smp.prepare(noise)
+    for i in range(rep.steps):
+        sample, t = smp.model_input(x, i)
+        x, x0 = smp.step(x, i, rt.denoiser(sample, t))
+    return (time.perf_counter() - t0) * 1e3
 
 
 def run_budget(rt, budget_text: str, requests: int, sampler: str, rho: float) -> dict:
     from tqdm import tqdm
 
     budget = parse_budget(budget_text)
-    reports = []
+    reports, overheads = [], []
     for k in tqdm(range(requests), desc=f"{budget_text}", unit="req", leave=False):
-        reports.append(rt.generate(budget, rho=rho, sampler=sampler, seed=k)[1])
+        rep = rt.generate(budget, rho=rho, sampler=sampler, seed=k)[1]
+        reports.append(rep)
+        if k < OVERHEAD_PAIRS and rep.steps:   # paired right away: the machine's pace drifts over minutes
+            overheads.append(rep.latency_ms / bare_loop_ms(rt, rep, sampler) - 1)
     bp = rt.profile.for_batch(1)
-    limit = math.floor((budget.ms - bp.finish.p50_ms) / bp.step.p50_ms)
+    profile_limit = math.floor((budget.ms - bp.finish.p50_ms) / bp.step.p50_ms)
     measured = np.concatenate([r.measured_step_ms for r in reports if r.steps])
+    limit = math.floor((budget.ms - bp.finish.p50_ms) / float(np.median(measured)))
     predicted = np.concatenate([r.predicted_median_step_ms for r in reports if r.steps])
     tails = np.concatenate([r.predicted_step_ms for r in reports if r.steps])
     err = predicted / measured - 1
@@ -84,19 +88,18 @@ def run_budget(rt, budget_text: str, requests: int, sampler: str, rho: float) ->
     reasons: dict[str, int] = {}
     for r in reports:
         reasons[r.exit_reason] = reasons.get(r.exit_reason, 0) + 1
-    sample = reports[: min(100, len(reports))]
     return {
         "budget": budget_text, "requests": requests,
         "success_rate": float(np.mean([r.deadline_met for r in reports])),
         "latency_p50_ms": float(np.quantile(lat, 0.5)), "latency_p99_ms": float(np.quantile(lat, 0.99)),
         "latency_max_ms": float(lat.max()), "utilisation_mean": float(np.mean(lat / budget.ms)),
-        "steps_mean": float(np.mean([r.steps for r in reports])), "physical_limit_steps": limit,
-        "steps_vs_limit": float(np.mean([r.steps for r in reports]) / max(limit, 1)),
+        "steps_mean": float(np.mean([r.steps for r in reports])), "profile_limit_steps": profile_limit,
+        "physical_limit_steps": limit, "steps_vs_limit": float(np.mean([r.steps for r in reports]) / max(limit, 1)),
         "exit_reasons": reasons, "schedule": reports[0].schedule,
         "prediction_within_5pct": float(np.mean(np.abs(err) <= 0.05)),
         "prediction_within_10pct": float(np.mean(np.abs(err) <= 0.10)),
         "tail_coverage": float(np.mean(measured <= tails)),
-        "loop_overhead_median": overhead(rt, sample, sampler),
+        "loop_overhead_median": float(np.median(overheads)) if overheads else None,
         "budget_over_p50_step": budget.ms / bp.step.p50_ms,
     }
 
@@ -130,7 +133,10 @@ def main() -> None:
         try:
             with busy_core(busy):
                 for b, n in zip(budgets, counts):
-                    row = run_budget(rt, b, n, a.sampler, a.quality)
+                    try:
+                        row = run_budget(rt, b, n, a.sampler, a.quality)
+                    except UserError as exc:        # a budget below this device's minimum: a row that says so
+                        row = {"budget": b, "requests": n, "refused": str(exc)}
                     row["load"] = "one core busy" if busy else "quiet"
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -142,9 +148,12 @@ def main() -> None:
     lines = ["| load | budget | requests | success | p99 latency ms | utilisation | steps / physical limit | "
              "loop overhead | pred. within 5% / 10% | tail coverage | exits |", "|" + "---|" * 11]
     for r in rows:
+        if "refused" in r:
+            lines.append(f"| {r['load']} | {r['budget']} | {r['requests']} | refused: {r['refused']} |" + " |" * 7)
+            continue
         lines.append(f"| {r['load']} | {r['budget']} | {r['requests']} | {r['success_rate']:.2%} | "
                      f"{r['latency_p99_ms']:.1f} | {r['utilisation_mean']:.2f} | {r['steps_mean']:.1f} / "
-                     f"{r['physical_limit_steps']} = {r['steps_vs_limit']:.2f} | {r['loop_overhead_median']:+.1%} | "
+                     f"{r['physical_limit_steps']} = {r['steps_vs_limit']:.2f} | {'n/a' if r['loop_overhead_median'] is None else format(r['loop_overhead_median'], '+.1%')} | "
                      f"{r['prediction_within_5pct']:.0%} / {r['prediction_within_10pct']:.0%} | "
                      f"{r['tail_coverage']:.1%} | {r['exit_reasons']} |")
     write_bytes_atomic(a.out / "runtime_bench.md", ("\n".join(lines) + "\n").encode())

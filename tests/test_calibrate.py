@@ -126,3 +126,21 @@ def test_cost_predictor_only_on_its_calibrated_backends(calibrated, tiny_artifac
         assert rt.cost_model(1, "ddim").step_tail_ms == bp.step.p99_ms
     finally:
         rt.close()
+
+
+def test_cost_predictor_overruled_where_the_profile_disagrees(calibrated, tiny_artifact, fixed_profile, tmp_path):
+    from abcd_edge.profiler import DeviceProfile, LatencyStats
+    from abcd_edge.runtime import AnytimeRuntime
+
+    prof = DeviceProfile.from_json(json.loads(fixed_profile.read_text()))
+    for bp in prof.batches:      # this "device" steps 6x slower than the one the controller was calibrated on
+        bp.step = LatencyStats.from_samples([6.0 * v for v in bp.step.samples_ms])
+    slow = tmp_path / "slow.json"
+    prof.save(slow)
+    rt = AnytimeRuntime(tiny_artifact, profile=slow, controller=calibrated[0], threads=1, power="none")
+    try:
+        assert not rt.uses_cost_predictor(1)
+        assert any("disagrees with the profile's measured p99" in n for n in rt.notes)
+        assert rt.cost_model(1, "ddim").step_tail_ms == rt.profile.for_batch(1).step.p99_ms
+    finally:
+        rt.close()

@@ -212,7 +212,7 @@ def measure_profile(artifact_dir: str | Path, backend: str = "ort-cpu", threads:
         if reading.energy_mj is not None:
             power_w = reading.avg_w
             energy_per_step = reading.energy_mj / (runs + warmup) if reading.duration_s > 0 else None
-        warnings.extend(reading.warnings)
+        warnings.extend(w for w in reading.warnings if w not in warnings)   # a meter's note once, not per batch
 
         eps = rng.standard_normal((b, *shape)).astype(np.float32)
         sigmas = time_uniform_sigmas(schedule, 20)

@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,8 @@ EWMA_ALPHA = 0.3
 GUARD_SLACK_MS = 1.0       # watchdog wake-up + unwinding an abandoned call (OS scheduling, measured ~0.1-0.5 ms)
 ABANDON_FRACTION = 0.15    # ORT checks `terminate` between kernels: an abandon waits for the kernel in flight,
                            # up to this share of a step (seen: 2.4 ms on a 16 ms batch-4 step)
+TAIL_WINDOW_STEPS = 256    # the observed step tail: 99th percentile of the last 256 steps' measured / p50,
+TAIL_MIN_STEPS = 32        # once at least 32 were measured
 COST_PREDICTOR_TOLERANCE = 0.25   # the predictor's step tail may differ this much from the profile's p99
 WARMUP_CALLS = 5           # warm-up (see _warm_up): steady when the median of the last 5 calls
 WARMUP_TOLERANCE = 1.25    # is within 1.25 x the profile's step p50,
@@ -92,6 +95,8 @@ class CostModel:
     """Step and finishing latency: the tail for the hard rule, mean and spread for planning.
 
     Everything scales with the online correction, an EWMA of measured / profile-p50 step time.
+    The step tail is the larger of the profile's (times the correction) and the tail of the
+    steps measured lately: a machine noisier now than when it was profiled widens it.
     """
 
     step_p50_ms: float
@@ -102,6 +107,7 @@ class CostModel:
     step_mean_ms: float = 0.0
     step_std_ms: float = 0.0
     correction: float = 1.0
+    observed_tail_ratio: float = 0.0   # 99th percentile of recent measured / p50 steps (0: none yet)
 
     @property
     def guard_slack_ms(self) -> float:
@@ -110,7 +116,8 @@ class CostModel:
 
     def next_step_ms(self) -> float:
         """The tail of the next step (denoiser + sampler + decision): what the hard rule adds."""
-        return self.step_tail_ms * self.correction + self.sampler_tail_ms + self.decision_tail_ms
+        tail = max(self.step_tail_ms * self.correction, self.step_p50_ms * self.observed_tail_ratio)
+        return tail + self.sampler_tail_ms + self.decision_tail_ms
 
     def observe(self, measured_ms: float) -> None:
         ratio = measured_ms / self.step_p50_ms
@@ -228,6 +235,7 @@ class AnytimeRuntime:
                                           if self.profile.power.meter != "none" else "auto")
         self.clock = clock or WallClock()
         self.correction = 1.0
+        self._step_ratios: dict[int, deque] = {}   # recent measured / p50 step times, per batch
         self._lock = threading.Lock()
         self._warm_up()
 
@@ -240,7 +248,9 @@ class AnytimeRuntime:
         2.4 ms warm). The guard cannot cut a GPU call short, and a call it abandons
         may leave the search unfinished, so this has to happen here, outside any
         deadline: calls continue until the median of the last WARMUP_CALLS is
-        within WARMUP_TOLERANCE of the profile's p50, or WARMUP_MAX_S has passed.
+        within WARMUP_TOLERANCE of the profile's p50, or has stopped improving on
+        the calls before (a machine busier than when it was profiled), or
+        WARMUP_MAX_S has passed.
         On a simulated clock (a replayed profile of another device) the pace is
         not comparable, so WARMUP_CALLS calls are all.
         """
@@ -255,13 +265,17 @@ class AnytimeRuntime:
                 t0 = time.perf_counter()
                 self.denoiser(sample, timestep)
                 times.append((time.perf_counter() - t0) * 1e3)
+                recent = float(np.median(times[-WARMUP_CALLS:]))
                 steady = len(times) >= WARMUP_CALLS and (
-                    simulated or float(np.median(times[-WARMUP_CALLS:])) <= WARMUP_TOLERANCE * bp.step.p50_ms)
+                    simulated or recent <= WARMUP_TOLERANCE * bp.step.p50_ms
+                    # slower than the profile (a busy machine) but no longer getting faster: as warm as it gets
+                    or (len(times) >= 4 * WARMUP_CALLS
+                        and recent >= 0.95 * float(np.median(times[-4 * WARMUP_CALLS:-WARMUP_CALLS]))))
                 if steady or time.perf_counter() > t_end:
                     break
             self.notes.append(f"warm-up batch {bp.batch}: {len(times)} calls in {sum(times):.0f} ms, first "
                               f"{times[0]:.1f} ms, last {times[-1]:.1f} ms (profile p50 {bp.step.p50_ms:.2f} ms)"
-                              + ("" if steady else "; not steady yet: the first requests may run slow"))
+                              + ("" if steady else "; still getting faster: the first requests may run slow"))
 
     def _load_controller(self, controller):
         from abcd_edge.controller import Controller
@@ -292,7 +306,13 @@ class AnytimeRuntime:
                          sampler_tail_ms=bp.sampler_ms[sampler].p99_ms,
                          decision_tail_ms=self.profile.controller_decision.p99_ms if self.controller else 0.0,
                          step_mean_ms=bp.step.mean_ms, step_std_ms=bp.step.cv * bp.step.mean_ms,
-                         correction=self.correction)
+                         correction=self.correction, observed_tail_ratio=self._observed_tail_ratio(batch))
+
+    def _observed_tail_ratio(self, batch: int) -> float:
+        ratios = self._step_ratios.get(batch)
+        if ratios is None or len(ratios) < TAIL_MIN_STEPS:
+            return 0.0
+        return float(np.quantile(np.fromiter(ratios, float), 0.99))
 
     def uses_cost_predictor(self, batch: int) -> bool:
         return batch == 1 and self._predicted_tails is not None
@@ -466,6 +486,8 @@ class AnytimeRuntime:
             reading = self.meter.stop()
             # a request that took no step learned nothing: let the correction relax towards the profile
             self.correction = cm.correction if measured else 1.0 + (cm.correction - 1.0) * (1 - EWMA_ALPHA)
+            ratios = self._step_ratios.setdefault(batch, deque(maxlen=TAIL_WINDOW_STEPS))
+            ratios.extend(m / cm.step_p50_ms for m in measured)
             if best_effort and reason == "done" and limit_ms < minimum:
                 reason = "best-effort"
         energy_source = None

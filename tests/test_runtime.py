@@ -213,3 +213,25 @@ def test_gpu_backend_silently_on_cpu_is_refused(tiny_artifact, monkeypatch):
     monkeypatch.setattr(backends, "backend_unavailable_reason", lambda backend: None)
     with pytest.raises(UserError, match="could not start CUDAExecutionProvider"):
         backends.OrtDenoiser(tiny_artifact / "denoiser.onnx", backend="ort-cuda", threads=1)
+
+
+def test_tail_widens_when_steps_vary_more_than_profiled(tiny_artifact, fixed_profile):
+    """Steps alternating 1 ms / 4 ms (profile: 1.0-1.2 ms): after TAIL_MIN_STEPS the hard rule's step tail
+    follows the observed 99th percentile, not the profile's p99 scaled by the (mean) correction."""
+    from abcd_edge.runtime import TAIL_MIN_STEPS
+
+    clock = StepClock(lambda k: 4.0 if k % 2 else 1.0)
+    rt = AnytimeRuntime(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none", clock=clock)
+    try:
+        p50 = rt.profile.for_batch(1).step.p50_ms
+        assert rt.cost_model(1, "ddim").observed_tail_ratio == 0.0
+        steps = 0
+        while steps < TAIL_MIN_STEPS:
+            steps += rt.generate(parse_budget("60ms"), seed=steps)[1].steps
+        cm = rt.cost_model(1, "ddim")
+        assert cm.observed_tail_ratio == pytest.approx(4.0 / p50, rel=0.01)
+        assert cm.next_step_ms() >= 4.0 > cm.step_tail_ms * cm.correction
+        _, rep = rt.generate(parse_budget("60ms"), seed=99)
+        assert rep.latency_ms <= 60 and all(pred >= 4.0 for pred in rep.predicted_step_ms)
+    finally:
+        rt.close()

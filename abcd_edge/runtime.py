@@ -244,8 +244,8 @@ class AnytimeRuntime:
 
         A fresh session's first calls are slow: on the GPU, cuDNN searches its
         convolution algorithms, the memory arena grows and the clocks ramp up
-        from idle (measured on an H200: 50 ms steps for the first ~0.3 s against
-        2.4 ms warm). The guard cannot cut a GPU call short, and a call it abandons
+        from idle (measured on an H200: 0.7-0.9 s for the first call against
+        2.4-2.9 ms warm). The guard cannot cut a GPU call short, and a call it abandons
         may leave the search unfinished, so this has to happen here, outside any
         deadline: calls continue until the median of the last WARMUP_CALLS is
         within WARMUP_TOLERANCE of the profile's p50, or has stopped improving on

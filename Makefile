@@ -48,7 +48,7 @@ bench: $(STAMP)
 	$(CLI) bench --grid quick --out bench/quick
 
 bench-runtime: $(STAMP)
-	$(PY) -m abcd_edge.runtime_bench --out bench/runtime
+	$(PY) -m abcd_edge.bench.runtime_bench --out bench/runtime
 
 clean:
 	rm -rf out .pytest_cache

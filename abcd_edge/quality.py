@@ -84,7 +84,7 @@ class FeatureNet:
         images = np.asarray(images)
         if images.dtype != np.uint8:
             raise UserError(f"feature net takes uint8 images [N, H, W, 3], got dtype {images.dtype} "
-                            "(convert model-space x with abcd_edge.demo.data.to_uint8, or use features_model_space)")
+                            "(convert model-space x with abcd_edge.core.images.to_uint8, or use features_model_space)")
         if images.ndim == 3:
             images = images[None]
         if images.ndim != 4 or images.shape[3] != 3:
@@ -101,7 +101,7 @@ class FeatureNet:
 
     def features_model_space(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
         """float NCHW in [-1, 1] (the sampler's x0) -> features, quantised to uint8 as an image would be."""
-        from abcd_edge.demo.data import to_uint8
+        from abcd_edge.core.images import to_uint8
 
         return self.features(to_uint8(np.asarray(x)), batch=batch)
 

@@ -11,7 +11,7 @@ BACKEND=${BACKEND:-ort-cuda}   # overridable to try the script on a CPU-only mac
 POWER=${POWER:-nvml}
 REQUESTS=${REQUESTS:-1000}
 mkdir -p "$OUTDIR"
-cli() { "$PY" -m abcd_edge.cli "$@" || echo "abcd-edge $1 exited with $?"; }
+cli() { "$PY" -m abcd_edge.cli.main "$@" || echo "abcd-edge $1 exited with $?"; }
 
 cli info | tee "$OUTDIR/info.txt"
 cli profile --backend "$BACKEND" --batch 1,4 --runs 500 --power "$POWER" --out "$OUTDIR/profile-$BACKEND.json"
@@ -23,5 +23,5 @@ done
 # Energy budget: needs the NVML meter (refused on machines without one).
 cli run --backend "$BACKEND" --profile "$OUTDIR/profile-$BACKEND.json" --power "$POWER" --budget 2J \
     --requests $((REQUESTS / 5 + 1)) --out "$OUTDIR/run-2J.png" --report "$OUTDIR/run-2J.json"
-"$PY" -m abcd_edge.runtime_bench --backend "$BACKEND" --profile "$OUTDIR/profile-$BACKEND.json" --loads quiet \
+"$PY" -m abcd_edge.bench.runtime_bench --backend "$BACKEND" --profile "$OUTDIR/profile-$BACKEND.json" --loads quiet \
     --budgets 10ms,20ms,50ms --requests "$REQUESTS" --out "$OUTDIR/runtime-bench"

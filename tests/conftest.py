@@ -27,7 +27,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_model_dir, tmp_path_factory) -> Path:
-    from abcd_edge.export import export_model
+    from abcd_edge.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     export_model(str(tiny_model_dir), out, batches=(1, 2), progress=False, threads=1)
@@ -37,7 +37,7 @@ def tiny_artifact(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_profile(tiny_artifact, tmp_path_factory) -> Path:
     """A real (short) profile of the tiny artifact on this machine, 1 thread."""
-    from abcd_edge.profiler import measure_profile
+    from abcd_edge.profiling.measure import measure_profile
 
     prof = measure_profile(tiny_artifact, threads=1, batches=(1, 2), runs=40, warmup=5, power="none",
                            progress=False, command="tests")
@@ -52,7 +52,7 @@ def fixed_profile(tiny_profile, tmp_path_factory) -> Path:
     0.1 ms finishing): plans become predictable for the exit-rule tests whatever the machine's load."""
     import json
 
-    from abcd_edge.profiler import DeviceProfile, LatencyStats
+    from abcd_edge.formats.profile import DeviceProfile, LatencyStats
 
     prof = DeviceProfile.from_json(json.loads(tiny_profile.read_text()))
     for bp in prof.batches:
@@ -71,7 +71,7 @@ def calibrated(tiny_artifact, tiny_model_dir, fixed_profile, tmp_path_factory):
     """A short real calibration of the tiny artifact: (folder, report)."""
     from diffusers import UNet2DModel
 
-    from abcd_edge.calibrate import CalibrationConfig, calibrate
+    from abcd_edge.calibrate.legacy import CalibrationConfig, calibrate
 
     unet = UNet2DModel.from_pretrained(tiny_model_dir / "unet").eval().requires_grad_(False)
     out = tmp_path_factory.mktemp("cal") / "tiny"

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from abcd_edge import bench
+from abcd_edge.bench import legacy as bench
 from abcd_edge.errors import UserError
 from abcd_edge.quality import feature_fid, frechet_distance, mean_cov
 
@@ -125,7 +125,7 @@ def test_bad_grid_input(kwargs, match):
 
 
 def test_missing_and_foreign_profiles(tiny_artifact, tiny_profile, tmp_path):
-    from abcd_edge.manifest import manifest_hash
+    from abcd_edge.formats.manifest import manifest_hash
 
     h = manifest_hash(tiny_artifact)
     with pytest.raises(UserError, match="does not exist"):
@@ -155,7 +155,7 @@ def test_missing_and_foreign_profiles(tiny_artifact, tiny_profile, tmp_path):
 def _write_controller(folder, manifest_hash, ays=None):
     from safetensors.numpy import save_file
 
-    from abcd_edge.controller import SCHEMA_VERSION, Controller, ControllerSpec
+    from abcd_edge.formats.controller import SCHEMA_VERSION, Controller, ControllerSpec
 
     spec = ControllerSpec()
     ctrl = Controller.random_init(spec, seed=1)
@@ -171,9 +171,10 @@ def _write_controller(folder, manifest_hash, ays=None):
 
 @pytest.fixture()
 def replay_session(tiny_artifact, fixed_profile, tmp_path):
-    from abcd_edge.manifest import manifest_hash
-    from abcd_edge.schedules import NoiseSchedule, time_uniform_sigmas
-    from abcd_edge.manifest import load_manifest
+    from abcd_edge.formats.manifest import manifest_hash
+    from abcd_edge.core.noise import NoiseSchedule
+    from abcd_edge.core.placement import time_uniform_sigmas
+    from abcd_edge.formats.manifest import load_manifest
 
     h = manifest_hash(tiny_artifact)
     sched = NoiseSchedule.from_config(load_manifest(tiny_artifact).scheduler_config)
@@ -212,7 +213,7 @@ def test_replay_clock_draws_from_the_profile(replay_session):
 
 
 def test_each_baseline_obeys_its_step_rule(replay_session):
-    from abcd_edge.runtime import GUARD_SLACK_MS
+    from abcd_edge.runtime.cost import GUARD_SLACK_MS
 
     sess, spec, _ = replay_session
     bp = sess.base.profile.for_batch(1)
@@ -238,7 +239,7 @@ def test_each_baseline_obeys_its_step_rule(replay_session):
     res, _ = bench.run_static(sess.base, clock, p.sigmas, "ddim", 1, 1, b, stop_below=p.stop_below)
     assert res.steps == int(np.sum(p.sigmas >= 0.5)) and res.steps < k99 and res.exit_reason == "stepdrop"
     # the oracle never picks a step that ended after B, and reports a step count within its trajectory
-    from abcd_edge.demo.data import to_uint8  # noqa: F401  (the oracle's finishing)
+    from abcd_edge.core.images import to_uint8  # noqa: F401  (the oracle's finishing)
     teacher = np.zeros((1, 3, 8, 8), np.float32)
     r = bench._execute(sess, plans[("oracle", None)], spec, b, "20ms", "ddim", 1, 1, sess.clock_for("o"), teacher)
     assert 1 <= r.steps <= k50 and r.planned_steps == k50
@@ -259,7 +260,7 @@ def test_stepdrop_tuning_is_monotone_in_rho(replay_session):
 
 
 def test_unavailable_methods_without_controller(tiny_artifact, fixed_profile):
-    from abcd_edge.manifest import manifest_hash
+    from abcd_edge.formats.manifest import manifest_hash
 
     spec = bench.parse_grid_args(profiles=f"replay:{fixed_profile}", budgets="20ms", samplers="ddim", quality="0.9",
                                  seeds=1, samples=1, batch=1, artifact=str(tiny_artifact), controller="none")

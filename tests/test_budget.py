@@ -3,7 +3,7 @@ import math
 import pytest
 from hypothesis import given, strategies as st
 
-from abcd_edge.budget import Budget, context_vector, parse_budget
+from abcd_edge.core.budget import Budget, context_vector, parse_budget
 from abcd_edge.errors import UserError
 
 

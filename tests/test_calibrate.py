@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from abcd_edge.budget import parse_budget
-from abcd_edge.controller import Controller, ControllerSpec, cost_features, decision_features, torch_controller
+from abcd_edge.core.budget import parse_budget
+from abcd_edge.formats.controller import Controller, ControllerSpec, cost_features, decision_features, torch_controller
 from abcd_edge.errors import UserError
 
 
@@ -51,7 +51,7 @@ def test_torch_numpy_twin_parity():
 def test_inverse_cdf_placement_differentiable():
     import torch
 
-    from abcd_edge.schedules import sigmas_from_density
+    from abcd_edge.core.placement import sigmas_from_density
 
     d = torch.rand(16, dtype=torch.float64) + 0.1
     d.requires_grad_(True)
@@ -59,7 +59,7 @@ def test_inverse_cdf_placement_differentiable():
 
 
 def test_tiny_calibration_end_to_end(calibrated, tiny_artifact):
-    from abcd_edge.manifest import manifest_hash
+    from abcd_edge.formats.manifest import manifest_hash
 
     out, report = calibrated
     for name in ("controller.safetensors", "controller.json", "controller.onnx", "report.json", "curves.png", "ays.json"):
@@ -82,11 +82,11 @@ def test_controller_from_another_artifact_refused(calibrated):
 
 
 def test_runtime_uses_controller_and_keeps_hard_rule(calibrated, tiny_artifact, fixed_profile):
-    from abcd_edge.runtime import AnytimeRuntime
+    from abcd_edge.runtime.session import AnytimeRuntime
     from tests.test_runtime import StepClock
 
     out, _ = calibrated
-    rt = AnytimeRuntime(tiny_artifact, profile=fixed_profile, controller=out, threads=1, power="none",
+    rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=out, threads=1, power="none",
                         clock=StepClock(3.0))
     _, rep = rt.generate(parse_budget("40ms"), rho=1.0)
     assert rep.schedule == "controller" and rep.controller is not None
@@ -94,7 +94,7 @@ def test_runtime_uses_controller_and_keeps_hard_rule(calibrated, tiny_artifact, 
 
 
 def test_calibrate_bad_input(tiny_artifact, fixed_profile, tmp_path):
-    from abcd_edge.calibrate import CalibrationConfig, calibrate
+    from abcd_edge.calibrate.legacy import CalibrationConfig, calibrate
 
     with pytest.raises(UserError, match="empty"):
         calibrate(tiny_artifact, [fixed_profile], tmp_path / "c", CalibrationConfig(samplers=()), progress=False)
@@ -109,7 +109,7 @@ def test_calibrate_bad_input(tiny_artifact, fixed_profile, tmp_path):
 
 
 def test_cost_predictor_only_on_its_calibrated_backends(calibrated, tiny_artifact, fixed_profile, tmp_path):
-    from abcd_edge.runtime import AnytimeRuntime
+    from abcd_edge.runtime.session import AnytimeRuntime
 
     out, _ = calibrated
     assert json.loads((out / "controller.json").read_text())["cost_backends"] == ["ort-cpu"]
@@ -118,7 +118,7 @@ def test_cost_predictor_only_on_its_calibrated_backends(calibrated, tiny_artifac
     meta = json.loads((other / "controller.json").read_text())
     meta["cost_backends"] = ["ort-cuda"]               # as if calibrated on GPU profiles only
     (other / "controller.json").write_text(json.dumps(meta))
-    rt = AnytimeRuntime(tiny_artifact, profile=fixed_profile, controller=other, threads=1, power="none")
+    rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=other, threads=1, power="none")
     try:
         assert not rt.uses_cost_predictor(1)
         assert any("cost predictor calibrated on ort-cuda" in n for n in rt.notes)
@@ -129,15 +129,15 @@ def test_cost_predictor_only_on_its_calibrated_backends(calibrated, tiny_artifac
 
 
 def test_cost_predictor_overruled_where_the_profile_disagrees(calibrated, tiny_artifact, fixed_profile, tmp_path):
-    from abcd_edge.profiler import DeviceProfile, LatencyStats
-    from abcd_edge.runtime import AnytimeRuntime
+    from abcd_edge.formats.profile import DeviceProfile, LatencyStats
+    from abcd_edge.runtime.session import AnytimeRuntime
 
     prof = DeviceProfile.from_json(json.loads(fixed_profile.read_text()))
     for bp in prof.batches:      # this "device" steps 6x slower than the one the controller was calibrated on
         bp.step = LatencyStats.from_samples([6.0 * v for v in bp.step.samples_ms])
     slow = tmp_path / "slow.json"
     prof.save(slow)
-    rt = AnytimeRuntime(tiny_artifact, profile=slow, controller=calibrated[0], threads=1, power="none")
+    rt = AnytimeRuntime.open(tiny_artifact, profile=slow, controller=calibrated[0], threads=1, power="none")
     try:
         assert not rt.uses_cost_predictor(1)
         assert any("disagrees with the profile's measured p99" in n for n in rt.notes)

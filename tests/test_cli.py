@@ -7,7 +7,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from abcd_edge.cli import main
+from abcd_edge.cli.main import main
 
 
 def test_help_lists_verbs():
@@ -46,7 +46,7 @@ def test_run_embedded_default_end_to_end(tmp_path):
     import json
 
     out, rep = tmp_path / "run.png", tmp_path / "run.json"
-    res = subprocess.run([sys.executable, "-m", "abcd_edge.cli", "run", "--budget", "150ms", "--out", str(out),
+    res = subprocess.run([sys.executable, "-m", "abcd_edge.cli.main", "run", "--budget", "150ms", "--out", str(out),
                           "--report", str(rep)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     data = json.loads(rep.read_text())

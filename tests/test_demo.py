@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from abcd_edge import paths
-from abcd_edge.demo.data import KINDS, make_dataset, make_example, make_images, to_model_space, to_uint8
+from abcd_edge.core.images import to_model_space, to_uint8
+from abcd_edge.demo.data import KINDS, make_dataset, make_example, make_images
 
 
 def test_generator_deterministic_and_varied():
@@ -44,10 +45,11 @@ def test_shipped_model_loads_from_safetensors_only():
 
 def test_shipped_artifact_samples_through_ort():
     """A short DDIM run through ONNX Runtime on the committed artifact gives a structured image."""
-    from abcd_edge.backends import open_denoiser
-    from abcd_edge.manifest import load_manifest
-    from abcd_edge.samplers import make_sampler
-    from abcd_edge.schedules import NoiseSchedule, time_uniform_sigmas
+    from abcd_edge.device.backends import open_denoiser
+    from abcd_edge.formats.manifest import load_manifest
+    from abcd_edge.core.samplers import make_sampler
+    from abcd_edge.core.noise import NoiseSchedule
+    from abcd_edge.core.placement import time_uniform_sigmas
     from abcd_edge.trajectory import sample
 
     manifest = load_manifest(paths.DEMO_ARTIFACT_DIR)
@@ -77,8 +79,8 @@ def test_committed_onnx_matches_shipped_weights():
     import torch
     from diffusers import UNet2DModel
 
-    from abcd_edge.backends import OrtDenoiser
-    from abcd_edge.manifest import load_manifest, sha256_file
+    from abcd_edge.device.backends import OrtDenoiser
+    from abcd_edge.formats.manifest import load_manifest, sha256_file
 
     manifest = load_manifest(paths.DEMO_ARTIFACT_DIR)
     weights = paths.DEMO_MODEL_DIR / "unet" / manifest.source_weights[0]
@@ -95,9 +97,9 @@ def test_committed_onnx_matches_shipped_weights():
 
 def test_demo_quality_ordering_small():
     """Fewer samples than the README's evidence, same ordering: 3 steps worse than 20, noise worst."""
-    from abcd_edge.backends import OrtDenoiser
+    from abcd_edge.device.backends import OrtDenoiser
     from abcd_edge.demo.evaluate import generate
-    from abcd_edge.manifest import load_manifest
+    from abcd_edge.formats.manifest import load_manifest
     from abcd_edge.quality import FeatureNet, feature_fid
 
     manifest = load_manifest(paths.DEMO_ARTIFACT_DIR)

@@ -22,10 +22,10 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from diffusers import CMStochasticIterativeScheduler, DDPMScheduler, UNet2DModel  # noqa: E402
 
-from abcd_edge import export as ex  # noqa: E402
+from abcd_edge.export import pipeline as ex  # noqa: E402
 from abcd_edge.errors import UserError  # noqa: E402
-from abcd_edge.manifest import Manifest, check_trt_plan, load_manifest, manifest_hash, sha256_file  # noqa: E402
-from abcd_edge.onnx_flops import count_flops  # noqa: E402
+from abcd_edge.formats.manifest import Manifest, check_trt_plan, load_manifest, manifest_hash, sha256_file  # noqa: E402
+from abcd_edge.export.flops import count_flops  # noqa: E402
 
 TINY = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
             norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),

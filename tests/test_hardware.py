@@ -9,8 +9,8 @@ import types
 
 import pytest
 
-from abcd_edge import hardware, telemetry
-from abcd_edge.hardware import device_id, format_info, hw_slug, machine_info, slug
+from abcd_edge.device import hardware, telemetry
+from abcd_edge.device.hardware import device_id, format_info, hw_slug, machine_info, slug
 
 SAFE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 

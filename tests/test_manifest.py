@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from abcd_edge.errors import UserError
-from abcd_edge.manifest import (SCHEMA_VERSION, Manifest, check_trt_plan, load_manifest, load_trt_plan_meta,
+from abcd_edge.formats.manifest import (SCHEMA_VERSION, Manifest, check_trt_plan, load_manifest, load_trt_plan_meta,
                                 manifest_hash, sha256_file)
 
 
@@ -185,7 +185,7 @@ def test_load_trt_plan_meta(tmp_path):
 
 
 def test_manifest_module_is_torch_free():
-    code = ("import sys, abcd_edge.manifest, abcd_edge.export; "
+    code = ("import sys, abcd_edge.formats.manifest, abcd_edge.export.pipeline; "
             "bad = [m for m in ('torch', 'onnx', 'diffusers', 'onnxruntime') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

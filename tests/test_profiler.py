@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from abcd_edge.errors import UserError
-from abcd_edge.profiler import SCHEMA_VERSION, DeviceProfile, LatencyStats, load_profile, measure_profile
+from abcd_edge.formats.profile import SCHEMA_VERSION, DeviceProfile, LatencyStats, load_profile
+from abcd_edge.profiling.measure import measure_profile
 
 
 def test_latency_stats_known_samples():
@@ -17,7 +18,7 @@ def test_latency_stats_known_samples():
 
 
 def test_measured_profile_fields(tiny_profile, tiny_artifact):
-    from abcd_edge.manifest import load_manifest, manifest_hash
+    from abcd_edge.formats.manifest import load_manifest, manifest_hash
 
     prof = load_profile(tiny_profile, manifest_hash(tiny_artifact))
     assert prof.schema_version == SCHEMA_VERSION and prof.backend == "ort-cpu" and prof.threads == 1

@@ -140,7 +140,7 @@ def test_featurenet_shapes_and_batching(net):
     assert f.shape == (10, net.dim) and f.dtype == np.float64 and net.dim == 128
     np.testing.assert_allclose(f, net.features(imgs, batch=256), rtol=0, atol=1e-5)
     assert net.features(imgs[:0]).shape == (0, 128)
-    from abcd_edge.demo.data import to_model_space
+    from abcd_edge.core.images import to_model_space
     np.testing.assert_allclose(net.features_model_space(to_model_space(imgs)), f, atol=1e-6)
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from abcd_edge.errors import UserError
-from abcd_edge.samplers import (PREDICTION_TYPES, SAMPLER_DESCRIPTORS, SAMPLER_NAMES, SIGMA_DATA, alpha_of_sigma,
+from abcd_edge.core.samplers import (PREDICTION_TYPES, SAMPLER_DESCRIPTORS, SAMPLER_NAMES, SIGMA_DATA, alpha_of_sigma,
                                 make_sampler)
-from abcd_edge.schedules import NoiseSchedule, karras_sigmas, logsnr_uniform_sigmas, time_uniform_sigmas
+from abcd_edge.core.noise import NoiseSchedule
+from abcd_edge.core.placement import karras_sigmas, logsnr_uniform_sigmas, time_uniform_sigmas
 
 # diffusers' own numpy-2 DeprecationWarnings are not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -279,7 +280,7 @@ def test_descriptors_cover_every_sampler_with_one_length():
 
 
 def test_runtime_modules_do_not_import_torch():
-    code = "import sys, abcd_edge.samplers, abcd_edge.schedules; sys.exit('torch' in sys.modules)"
+    code = "import sys, abcd_edge.core.samplers, abcd_edge.core.noise; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -340,8 +341,8 @@ def test_ddim_clip_sample_matches_diffusers_default():
     import torch
     from diffusers import DDIMScheduler
 
-    from abcd_edge.samplers import make_sampler
-    from abcd_edge.schedules import NoiseSchedule
+    from abcd_edge.core.samplers import make_sampler
+    from abcd_edge.core.noise import NoiseSchedule
 
     cfg = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=True,
                timestep_spacing="trailing")
@@ -363,8 +364,9 @@ def test_ddim_clip_sample_matches_diffusers_default():
 
 
 def test_replan_replaces_future_sigmas_and_timesteps():
-    from abcd_edge.samplers import make_sampler
-    from abcd_edge.schedules import NoiseSchedule, time_uniform_sigmas
+    from abcd_edge.core.samplers import make_sampler
+    from abcd_edge.core.noise import NoiseSchedule
+    from abcd_edge.core.placement import time_uniform_sigmas
 
     schedule = NoiseSchedule.from_config(dict(num_train_timesteps=1000, beta_schedule="linear"))
     smp = make_sampler("dpmpp-2m", schedule, time_uniform_sigmas(schedule, 10))

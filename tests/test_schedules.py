@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from abcd_edge.schedules import (NoiseSchedule, density_of_sigmas, karras_sigmas, logsnr_uniform_sigmas,
-                                 sigmas_from_density, time_uniform_sigmas)
+from abcd_edge.core.noise import NoiseSchedule
+from abcd_edge.core.placement import (density_of_sigmas, karras_sigmas, logsnr_uniform_sigmas, sigmas_from_density,
+                                      time_uniform_sigmas)
 
 # diffusers' own numpy-2 DeprecationWarnings are not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

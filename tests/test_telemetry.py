@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from abcd_edge import telemetry
+from abcd_edge.device import telemetry
 from abcd_edge.errors import UserError
-from abcd_edge.telemetry import PowerReading, RaplReader, open_meter, available_meters
+from abcd_edge.device.telemetry import PowerReading, RaplReader, open_meter, available_meters
 
 WINDOW_S = 0.12
 FAST = 0.01

@@ -99,11 +99,3 @@ def make_dataset(seed: int, n: int, resolution: int = 32) -> tuple[np.ndarray, n
     return images, kinds, colours, counts
 
 
-def to_model_space(images: np.ndarray) -> np.ndarray:
-    """uint8 NHWC -> float32 NCHW in [-1, 1] (the diffusion model's data space)."""
-    return (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """float NCHW in [-1, 1] -> uint8 NHWC (clipped), the inverse of to_model_space."""
-    return np.clip(np.round((x.transpose(0, 2, 3, 1) + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -26,9 +26,10 @@ STEP_COUNTS = (3, 5, 10, 20, 50)
 
 def generate(denoiser, manifest, steps: int, n: int, seed: int, batch: int = 64) -> np.ndarray:
     """n DDIM samples (uint8 NHWC) at ``steps`` time-uniform steps from noise seeded by ``seed``."""
-    from abcd_edge.demo.data import to_uint8
-    from abcd_edge.samplers import make_sampler
-    from abcd_edge.schedules import NoiseSchedule, time_uniform_sigmas
+    from abcd_edge.core.images import to_uint8
+    from abcd_edge.core.samplers import make_sampler
+    from abcd_edge.core.noise import NoiseSchedule
+    from abcd_edge.core.placement import time_uniform_sigmas
     from abcd_edge.trajectory import sample
 
     schedule = NoiseSchedule.from_config(manifest.scheduler_config)
@@ -46,10 +47,10 @@ def generate(denoiser, manifest, steps: int, n: int, seed: int, batch: int = 64)
 def evaluate(artifact: Path, out: Path, samples: int, reference: int, threads: int) -> dict:
     from tqdm import tqdm
 
-    from abcd_edge.backends import OrtDenoiser
-    from abcd_edge.manifest import load_manifest
+    from abcd_edge.device.backends import OrtDenoiser
+    from abcd_edge.formats.manifest import load_manifest
     from abcd_edge.quality import FeatureNet, ReferenceStats
-    from abcd_edge.runtime import save_png
+    from abcd_edge.core.images import save_png
 
     manifest = load_manifest(artifact)
     denoiser = OrtDenoiser(artifact / "denoiser.onnx", threads=threads)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from abcd_edge.demo.data import make_images, to_model_space
+from abcd_edge.core.images import to_model_space
+from abcd_edge.demo.data import make_images
 from abcd_edge.io import atomic_dir, atomic_path
 
 DATA_SEED = 1234

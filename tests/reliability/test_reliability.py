@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from abcd_edge.budget import parse_budget
-from abcd_edge.cli import main
+from abcd_edge.core.budget import parse_budget
+from abcd_edge.cli.main import main
 from abcd_edge.errors import UserError
 
 
@@ -49,7 +49,7 @@ def _copy_artifact(src, dst):
 
 
 def test_truncated_onnx_refused(tiny_artifact, tmp_path):
-    from abcd_edge.manifest import load_manifest
+    from abcd_edge.formats.manifest import load_manifest
 
     art = _copy_artifact(tiny_artifact, tmp_path / "art")
     data = (art / "denoiser.onnx").read_bytes()
@@ -57,14 +57,14 @@ def test_truncated_onnx_refused(tiny_artifact, tmp_path):
     with pytest.raises(UserError, match="denoiser.onnx"):
         load_manifest(art)
     # even without the hash check, ORT's refusal is a clear UserError, not a crash
-    from abcd_edge.backends import OrtDenoiser
+    from abcd_edge.device.backends import OrtDenoiser
 
     with pytest.raises(UserError, match="cannot load"):
         OrtDenoiser(art / "denoiser.onnx")
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "abcd_edge.cli", *map(str, args)]
+    return [sys.executable, "-m", "abcd_edge.cli.main", *map(str, args)]
 
 
 def _interrupt(cmd: list[str], after_s: float, sig: signal.Signals, when=lambda: True) -> int:
@@ -90,7 +90,7 @@ def _drop_temp_leftovers(parent, name: str) -> None:
 
 
 def test_interrupted_profile_leaves_previous_good_file(tiny_artifact, tiny_profile, tmp_path):
-    from abcd_edge.profiler import load_profile
+    from abcd_edge.formats.profile import load_profile
 
     target = tmp_path / "p.json"
     shutil.copy(tiny_profile, target)
@@ -121,7 +121,7 @@ def test_interrupted_serving_leaves_previous_report(tiny_artifact, tiny_profile,
 
 
 def test_interrupted_export_leaves_previous_good_artifact(tiny_model_dir, tiny_artifact, tmp_path):
-    from abcd_edge.manifest import load_manifest
+    from abcd_edge.formats.manifest import load_manifest
 
     # how long until an export's folder is in place (the process itself lives on a while, tearing torch down)
     proc = subprocess.Popen(_cli("export", "--model", tiny_model_dir, "--out", tmp_path / "timing"),
@@ -142,8 +142,8 @@ def test_interrupted_export_leaves_previous_good_artifact(tiny_model_dir, tiny_a
 
 
 def test_interrupted_calibration_leaves_previous_good_controller(calibrated, tiny_artifact, fixed_profile, tmp_path):
-    from abcd_edge.controller import Controller
-    from abcd_edge.manifest import manifest_hash
+    from abcd_edge.formats.controller import Controller
+    from abcd_edge.formats.manifest import manifest_hash
 
     target = tmp_path / "cal"
     shutil.copytree(calibrated[0], target)
@@ -186,7 +186,7 @@ def test_interrupted_bench_resumes_to_the_complete_grid(tiny_artifact, tiny_prof
 
 
 def test_bench_results_cut_short_by_a_kill_are_repaired(tmp_path):
-    from abcd_edge import bench
+    from abcd_edge.bench import legacy as bench
 
     path = tmp_path / "results.csv"
     row = {k: "1" for k in bench.CSV_FIELDS} | {"status": "ok"}
@@ -201,8 +201,8 @@ def test_onnx_external_data_only_from_the_artifact_folder(tiny_artifact, tmp_pat
     """Weights referenced outside the artifact folder (climbing out, absolute, or through a link) never load."""
     import onnx
 
-    from abcd_edge.backends import OrtDenoiser
-    from abcd_edge.manifest import load_manifest
+    from abcd_edge.device.backends import OrtDenoiser
+    from abcd_edge.formats.manifest import load_manifest
 
     art = _copy_artifact(tiny_artifact, tmp_path / "art")
     outside = tmp_path / "outside"
@@ -242,7 +242,7 @@ def test_pickled_weights_never_run_code(tiny_model_dir, tmp_path):
     """A model folder with only a pickle .bin: loaded with torch.load(weights_only=True) or refused."""
     import torch
 
-    from abcd_edge.export import load_model
+    from abcd_edge.export.pipeline import load_model
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
@@ -255,11 +255,11 @@ def test_pickled_weights_never_run_code(tiny_model_dir, tmp_path):
 
 
 def test_threads_one_runtime_each_give_independent_correct_results(tiny_artifact, fixed_profile):
-    from abcd_edge.runtime import AnytimeRuntime
+    from abcd_edge.runtime.session import AnytimeRuntime
     from tests.test_runtime import StepClock
 
     def run(seed):
-        rt = AnytimeRuntime(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none",
+        rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none",
                             clock=StepClock(1.0))
         try:
             return rt.generate(parse_budget("40ms"), sampler="dpmpp-2m", seed=seed)[0]
@@ -279,7 +279,7 @@ def test_threads_one_runtime_each_give_independent_correct_results(tiny_artifact
 
 def test_two_processes_same_out_path_never_corrupt(tiny_artifact, tiny_profile, tmp_path):
     out, rep = tmp_path / "o.png", tmp_path / "o.json"
-    cmd = [sys.executable, "-m", "abcd_edge.cli", "run", "--budget", "5s", "--artifact", str(tiny_artifact),
+    cmd = [sys.executable, "-m", "abcd_edge.cli.main", "run", "--budget", "5s", "--artifact", str(tiny_artifact),
            "--profile", str(tiny_profile), "--threads", "1", "--controller", "none", "--power", "none",
            "--requests", "3", "--out", str(out), "--report", str(rep)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
@@ -292,14 +292,14 @@ def test_two_processes_same_out_path_never_corrupt(tiny_artifact, tiny_profile, 
 
 
 def test_runtime_touches_no_network(tiny_artifact, fixed_profile, monkeypatch):
-    from abcd_edge.runtime import AnytimeRuntime
+    from abcd_edge.runtime.session import AnytimeRuntime
 
     def refuse(*a, **k):
         raise AssertionError("the runtime tried to open a socket")
 
     monkeypatch.setattr(socket, "socket", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    rt = AnytimeRuntime(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none")
+    rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none")
     _, rep = rt.generate(parse_budget("1s"))
     rt.close()
     assert rep.steps >= 1
@@ -307,10 +307,10 @@ def test_runtime_touches_no_network(tiny_artifact, fixed_profile, monkeypatch):
 
 def test_soak_memory_flat(tiny_artifact, fixed_profile):
     """300 requests on one session: RSS after warm-up grows < 5 % (the README's 10000-request figure is a bench)."""
-    from abcd_edge.runtime import AnytimeRuntime
-    from abcd_edge.serve import rss_mb
+    from abcd_edge.runtime.session import AnytimeRuntime
+    from abcd_edge.runtime.serve import rss_mb
 
-    rt = AnytimeRuntime(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none")
+    rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none")
     for k in range(300):
         rt.generate(parse_budget("20ms"), seed=k, best_effort=True)
         if k == 49:
@@ -321,8 +321,8 @@ def test_soak_memory_flat(tiny_artifact, fixed_profile):
 
 
 def test_failing_power_meter_still_answers(tiny_artifact, fixed_profile):
-    from abcd_edge.runtime import AnytimeRuntime
-    from abcd_edge.telemetry import PowerReading
+    from abcd_edge.runtime.session import AnytimeRuntime
+    from abcd_edge.device.telemetry import PowerReading
 
     class Broken:
         name = "rapl"
@@ -337,7 +337,7 @@ def test_failing_power_meter_still_answers(tiny_artifact, fixed_profile):
         def close(self):
             pass
 
-    rt = AnytimeRuntime(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none")
+    rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none")
     rt.meter = Broken()
     _, rep = rt.generate(parse_budget("1s"))
     rt.close()

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from abcd_edge.errors import UserError
-from abcd_edge.schedules import NoiseSchedule, array_namespace
+from abcd_edge.core.noise import NoiseSchedule, array_namespace
 
 SAMPLER_NAMES = ("ddim", "dpmpp-2m", "euler", "consistency")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "consistency")

@@ -53,7 +53,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
 def info(as_json: bool) -> None:
     """What this machine offers: versions, ORT providers, TensorRT, power meters, CPU/GPU."""
-    from abcd_edge.hardware import format_info, machine_info
+    from abcd_edge.device.hardware import format_info, machine_info
 
     facts = machine_info()
     click.echo(json.dumps(facts, indent=2) if as_json else format_info(facts))
@@ -85,8 +85,8 @@ def info(as_json: bool) -> None:
 def run(budget, rho, sampler, schedule, seed, batch, artifact, profile, controller, backend, threads, power,
         best_effort, requests, out, report) -> None:
     """Generate the best image the device can make before the budget runs out."""
-    from abcd_edge.budget import parse_budget
-    from abcd_edge.serve import serve
+    from abcd_edge.core.budget import parse_budget
+    from abcd_edge.runtime.serve import serve
 
     b = parse_budget(budget)
     if not 0.0 <= rho <= 1.0:
@@ -117,7 +117,7 @@ def run(budget, rho, sampler, schedule, seed, batch, artifact, profile, controll
 @click.option("--bench", is_flag=True, help="Also print ORT vs torch step latency for the demo and a CIFAR-10-sized UNet.")
 def export(model, controller_dir, out, resolution, batch, fp16, trt, opset, bench) -> None:
     """Export a frozen denoiser (and/or a calibrated controller) to deployable artifacts."""
-    from abcd_edge import export as exporter
+    from abcd_edge.export import pipeline as exporter
 
     if model is None and controller_dir is None:
         raise UserError("export needs --model (demo, a diffusers folder or a hub id) and/or --controller DIR")
@@ -128,7 +128,7 @@ def export(model, controller_dir, out, resolution, batch, fp16, trt, opset, benc
         click.echo(f"exported {manifest.name} -> {out}: {manifest.flops_per_step / 1e9:.3f} GFLOP/step, "
                    f"parity max abs {manifest.parity['max_abs']:.2e}")
     if controller_dir is not None:
-        from abcd_edge.calibrate import export_controller_onnx
+        from abcd_edge.calibrate.legacy import export_controller_onnx
 
         path, err = export_controller_onnx(Path(controller_dir), Path(out))
         click.echo(f"controller -> {path} (parity max abs {err:.2e})")
@@ -146,7 +146,7 @@ def export(model, controller_dir, out, resolution, batch, fp16, trt, opset, benc
 @click.option("--out", default=None, type=click.Path(), help="Default: profiles/<device id>.json")
 def profile(artifact, backend, threads, batch, runs, power, out) -> None:
     """Measure this device for an artifact and write a device profile (JSON)."""
-    from abcd_edge.profiler import measure_profile
+    from abcd_edge.profiling.measure import measure_profile
 
     if threads < 1:
         raise UserError(f"--threads {threads} must be >= 1")
@@ -178,12 +178,12 @@ def calibrate(artifact, profiles, samplers, out, iters, threads, seed) -> None:
     """Train the ABCD controller (schedule, exit policy, cost predictor) for an artifact."""
     import dataclasses
 
-    from abcd_edge.calibrate import CalibrationConfig, calibrate as run_calibration
-    from abcd_edge.manifest import load_manifest, manifest_hash
+    from abcd_edge.calibrate.legacy import CalibrationConfig, calibrate as run_calibration
+    from abcd_edge.formats.manifest import load_manifest, manifest_hash
 
     manifest = load_manifest(Path(artifact))
     if not profiles:
-        from abcd_edge.runtime import profiles_for
+        from abcd_edge.runtime.discover import profiles_for
 
         profiles = profiles_for(manifest_hash(Path(artifact)))
         if not profiles:
@@ -205,7 +205,7 @@ def calibrate(artifact, profiles, samplers, out, iters, threads, seed) -> None:
 
 def _add_bench() -> None:
     """`abcd-edge bench` lives with its library (abcd_edge/bench.py); registered here."""
-    from abcd_edge.bench import bench_command
+    from abcd_edge.bench.legacy import bench_command
 
     main.add_command(bench_command, "bench")
 

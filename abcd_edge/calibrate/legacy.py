@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from abcd_edge import paths
-from abcd_edge.controller import (SCHEMA_VERSION, Controller, ControllerMeta, ControllerSpec, cost_features,
+from abcd_edge.formats.controller import (SCHEMA_VERSION, Controller, ControllerMeta, ControllerSpec, cost_features,
                                   decision_features, torch_controller)
 from abcd_edge.errors import UserError
 from abcd_edge.io import atomic_dir, atomic_path, write_json_atomic
@@ -78,14 +78,14 @@ class ProfileView:
     decision_p99_ms: float
 
     def steps_that_fit(self, budget_ms: float, sampler: str) -> int:
-        from abcd_edge.runtime import GUARD_SLACK_MS
+        from abcd_edge.runtime.cost import GUARD_SLACK_MS
 
         per = self.step_p99_ms + self.sampler_p99_ms[sampler] + self.decision_p99_ms
         return max(int((budget_ms - self.finish_p99_ms - GUARD_SLACK_MS) // per), 0)
 
 
 def _profile_view(path: Path, manifest_hash: str) -> ProfileView:
-    from abcd_edge.profiler import load_profile
+    from abcd_edge.formats.profile import load_profile
 
     prof = load_profile(path, manifest_hash)
     bp = prof.for_batch(1)
@@ -116,10 +116,10 @@ class Calibration:
                  progress: bool = True, unet=None):
         import torch
 
-        from abcd_edge.backends import open_denoiser
-        from abcd_edge.manifest import load_manifest, manifest_hash
-        from abcd_edge.samplers import SAMPLER_NAMES
-        from abcd_edge.schedules import NoiseSchedule
+        from abcd_edge.device.backends import open_denoiser
+        from abcd_edge.formats.manifest import load_manifest, manifest_hash
+        from abcd_edge.core.samplers import SAMPLER_NAMES
+        from abcd_edge.core.noise import NoiseSchedule
 
         if not config.samplers:
             raise UserError("--samplers is empty; give at least one of " + ", ".join(SAMPLER_NAMES))
@@ -170,7 +170,7 @@ class Calibration:
                 return sampler, profile, budget, float(self.rng.uniform(0, 1)), n
 
     def run_ort(self, sampler_name: str, sigmas, noise: np.ndarray, keep_x0: bool = False):
-        from abcd_edge.samplers import make_sampler
+        from abcd_edge.core.samplers import make_sampler
         from abcd_edge.trajectory import sample
 
         smp = make_sampler(sampler_name, self.schedule, np.asarray(sigmas), self.manifest.prediction_type)
@@ -184,7 +184,7 @@ class Calibration:
         keeps the raw noise direction as diffusers does; the multistep and Euler updates use the
         clipped x0), so each is compared with its own converged result, not with DDIM's.
         """
-        from abcd_edge.schedules import time_uniform_sigmas
+        from abcd_edge.core.placement import time_uniform_sigmas
 
         f = self._ckpt_file("teacher.npz")
         if f.exists():
@@ -205,7 +205,7 @@ class Calibration:
                      **{f"val_{s}": v for s, v in self.teachers_val.items()})
 
     def anchor(self) -> np.ndarray:
-        from abcd_edge.schedules import density_of_sigmas, time_uniform_sigmas
+        from abcd_edge.core.placement import density_of_sigmas, time_uniform_sigmas
 
         return density_of_sigmas(time_uniform_sigmas(self.schedule, 100), self.spec.k_bins,
                                  self.spec.log_sigma_min, self.spec.log_sigma_max)
@@ -214,8 +214,8 @@ class Calibration:
         import torch
         from safetensors.torch import load_file, save_file
 
-        from abcd_edge.samplers import SAMPLER_DESCRIPTORS
-        from abcd_edge.schedules import sigmas_from_density
+        from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS
+        from abcd_edge.core.placement import sigmas_from_density
 
         state = self._ckpt_file("wg.json")
         done = json.loads(state.read_text())["iter"] if state.exists() else 0
@@ -256,7 +256,7 @@ class Calibration:
         """Teacher MSE of the n-step result from a random batch of training noises, differentiable in sigmas."""
         import torch
 
-        from abcd_edge.samplers import make_sampler
+        from abcd_edge.core.samplers import make_sampler
 
         idx = torch.from_numpy(self.rng.choice(len(self.noise_train), self.cfg.wg_batch, replace=False))
         smp = make_sampler(sampler, self.schedule, sigmas, self.manifest.prediction_type)
@@ -271,7 +271,7 @@ class Calibration:
         with no budget conditioning (the bench's ``ays`` method). Same rollout, same KL anchor."""
         import torch
 
-        from abcd_edge.schedules import sigmas_from_density
+        from abcd_edge.core.placement import sigmas_from_density
 
         f = self._ckpt_file("ays.json")
         table = json.loads(f.read_text()) if f.exists() else {}
@@ -303,7 +303,7 @@ class Calibration:
 
     def traces(self) -> list[dict]:
         """x0 after every step for many contexts, with the learned schedule (ONNX Runtime)."""
-        from abcd_edge.samplers import SAMPLER_DESCRIPTORS
+        from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS
 
         f = self._ckpt_file("traces.npz")
         if f.exists():
@@ -340,7 +340,7 @@ class Calibration:
         """Per trace: features [B, n, POLICY_DIM] and the loss terms' inputs."""
         import torch
 
-        from abcd_edge.samplers import SAMPLER_DESCRIPTORS
+        from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS
 
         rows = []
         for tr in traces:
@@ -429,8 +429,8 @@ class Calibration:
     def validate_schedules(self, ays: dict) -> dict:
         """Teacher MSE on validation noises: learned schedule vs uniform, Karras, log-SNR (and AYS-like) at equal n."""
         from abcd_edge.quality import teacher_distance
-        from abcd_edge.samplers import SAMPLER_DESCRIPTORS
-        from abcd_edge.schedules import karras_sigmas, logsnr_uniform_sigmas, time_uniform_sigmas
+        from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS
+        from abcd_edge.core.placement import karras_sigmas, logsnr_uniform_sigmas, time_uniform_sigmas
 
         ctl = self.numpy_controller()
         prof = self.profiles[0]
@@ -453,7 +453,7 @@ class Calibration:
 
     def exit_behaviour(self) -> dict:
         """Mean steps taken by the policy vs planned, per rho, on validation traces (1 s budget, profile 0)."""
-        from abcd_edge.samplers import SAMPLER_DESCRIPTORS
+        from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS
 
         ctl = self.numpy_controller()
         prof = self.profiles[0]
@@ -550,7 +550,7 @@ def export_controller_onnx_model(model, folder: Path) -> tuple[Path, float]:
     import onnxruntime as ort
     import torch
 
-    from abcd_edge.controller import CONTEXT_DIM, COST_DIM, DESCRIPTOR_DIM, POLICY_DIM
+    from abcd_edge.formats.controller import CONTEXT_DIM, COST_DIM, DESCRIPTOR_DIM, POLICY_DIM
 
     path = Path(folder) / "controller.onnx"
     g = torch.Generator().manual_seed(0)
@@ -590,7 +590,7 @@ def plot_curves(cal: Calibration, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from abcd_edge.samplers import SAMPLER_DESCRIPTORS
+    from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS
 
     ctl = cal.numpy_controller()
     prof = cal.profiles[0]
@@ -640,14 +640,15 @@ def schedule_fid_table(artifact: Path = paths.DEMO_ARTIFACT_DIR, calibration: Pa
     The learned density is the controller's for the context (budget_ms, the profile's F, rho = 1);
     n is fixed here, so only the placement differs. Same noises for every schedule.
     """
-    from abcd_edge.backends import OrtDenoiser
-    from abcd_edge.demo.data import to_uint8
+    from abcd_edge.device.backends import OrtDenoiser
+    from abcd_edge.core.images import to_uint8
     from abcd_edge.demo.evaluate import REFERENCE_SEED
-    from abcd_edge.manifest import load_manifest, manifest_hash
-    from abcd_edge.profiler import load_profile
+    from abcd_edge.formats.manifest import load_manifest, manifest_hash
+    from abcd_edge.formats.profile import load_profile
     from abcd_edge.quality import FeatureNet, ReferenceStats
-    from abcd_edge.samplers import SAMPLER_DESCRIPTORS
-    from abcd_edge.schedules import NoiseSchedule, karras_sigmas, logsnr_uniform_sigmas, time_uniform_sigmas
+    from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS
+    from abcd_edge.core.noise import NoiseSchedule
+    from abcd_edge.core.placement import karras_sigmas, logsnr_uniform_sigmas, time_uniform_sigmas
 
     manifest = load_manifest(artifact)
     mh = manifest_hash(artifact)
@@ -668,7 +669,7 @@ def schedule_fid_table(artifact: Path = paths.DEMO_ARTIFACT_DIR, calibration: Pa
                           "logsnr": logsnr_uniform_sigmas(schedule, n)}
             row = {}
             for name, sig in candidates.items():
-                from abcd_edge.samplers import make_sampler
+                from abcd_edge.core.samplers import make_sampler
                 from abcd_edge.trajectory import sample
 
                 images = np.concatenate([to_uint8(sample(den, make_sampler(sampler, schedule, sig), noise[k:k + 128])[0])

@@ -8,7 +8,7 @@ bare ONNX Runtime loop doing the same steps right after the request (paired, so
 drifts in the machine's pace cancel), and how well the step-latency
 prediction (p50 x online correction) matched each measured step.
 
-    python -m abcd_edge.runtime_bench --out bench/runtime --requests 1000
+    python -m abcd_edge.bench.runtime_bench --out bench/runtime --requests 1000
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from abcd_edge import paths
-from abcd_edge.budget import parse_budget
+from abcd_edge.core.budget import parse_budget
 from abcd_edge.errors import UserError
 from abcd_edge.io import write_bytes_atomic, write_json_atomic
 
@@ -54,7 +54,7 @@ OVERHEAD_PAIRS = 100       # requests each followed at once by a bare loop of th
 
 def bare_loop_ms(rt, rep, sampler: str) -> float:
     """The same steps as request ``rep`` (its noise, its final sigmas), run as a bare ORT loop."""
-    from abcd_edge.samplers import make_sampler
+    from abcd_edge.core.samplers import make_sampler
 
     shape = (1, rt.manifest.channels, rt.manifest.resolution, rt.manifest.resolution)
     noise = np.random.default_rng(rep.seed).standard_normal(shape).astype(np.float32)
@@ -105,8 +105,8 @@ def run_budget(rt, budget_text: str, requests: int, sampler: str, rho: float) ->
 
 
 def main() -> None:
-    from abcd_edge.hardware import machine_info
-    from abcd_edge.runtime import AnytimeRuntime
+    from abcd_edge.device.hardware import machine_info
+    from abcd_edge.runtime.session import AnytimeRuntime
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/runtime"))
@@ -129,7 +129,7 @@ def main() -> None:
     counts = counts * len(budgets) if len(counts) == 1 else counts
     rows = []
     for busy in (load == "busy" for load in loads):
-        rt = AnytimeRuntime(a.artifact, profile=a.profile, backend=a.backend, threads=a.threads, power="auto")
+        rt = AnytimeRuntime.open(a.artifact, profile=a.profile, backend=a.backend, threads=a.threads, power="auto")
         try:
             with busy_core(busy):
                 for b, n in zip(budgets, counts):
@@ -142,7 +142,7 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
         finally:
             rt.close()
-    result = {"command": "python -m abcd_edge.runtime_bench " + " ".join(
+    result = {"command": "python -m abcd_edge.bench.runtime_bench " + " ".join(
         f"--{k} {v}" for k, v in vars(a).items()), "machine": machine_info(), "rows": rows}
     write_json_atomic(a.out / "runtime_bench.json", result)
     lines = ["| load | budget | requests | success | p99 latency ms | utilisation | steps / physical limit | "

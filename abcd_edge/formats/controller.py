@@ -153,7 +153,7 @@ class Controller:
         return softplus(self.wg(x)[0]) + 1e-4
 
     def plan_sigmas(self, context, descriptor, n: int, sigma_max: float | None = None) -> np.ndarray:
-        from abcd_edge.schedules import sigmas_from_density
+        from abcd_edge.core.placement import sigmas_from_density
 
         hi = self.spec.log_sigma_max if sigma_max is None else min(self.spec.log_sigma_max, math.log(sigma_max))
         return np.asarray(sigmas_from_density(self.density(context, descriptor), n, self.spec.log_sigma_min, hi))
@@ -184,7 +184,7 @@ class Controller:
         if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
             raise UserError(f"{str(meta_path)!r}: schema_version {raw.get('schema_version') if isinstance(raw, dict) else None!r} "
                             f"is not supported (expected {SCHEMA_VERSION})")
-        from abcd_edge.schema import from_dict
+        from abcd_edge.formats.schema import from_dict
 
         meta = from_dict(ControllerMeta, raw, str(meta_path))
         if manifest_hash is not None and meta.manifest_hash != manifest_hash:

@@ -1,7 +1,7 @@
 """The artifact manifest (``manifest.json``): what was exported, from what, and how well it matches.
 
 Torch-free (stdlib + numpy): the runtime loads it on a Jetson. The exporter
-(``abcd_edge.export``) writes it; everything downstream (profiles, calibrated
+(``abcd_edge.export.pipeline``) writes it; everything downstream (profiles, calibrated
 controllers) is tied to one artifact by :func:`manifest_hash`.
 
 Conventions recorded in every manifest:
@@ -106,7 +106,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data, where: str = "manifest") -> "Manifest":
-        from abcd_edge.schema import from_dict
+        from abcd_edge.formats.schema import from_dict
 
         if not isinstance(data, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(data).__name__}")

@@ -1,13 +1,10 @@
-"""Noise schedules (betas -> alphas_cumprod -> sigma) and where to place n sampling steps.
+"""Noise schedules: betas -> alphas_cumprod -> sigma, and the timestep <-> sigma maps.
 
 Conventions used throughout the package:
 
 - sigma is the k-diffusion / VE noise level, sigma_t = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t]),
   so that x_VE = x0 + sigma * eps and the VP sample the UNet sees is x_VE / sqrt(1 + sigma^2).
-- A step schedule is n strictly decreasing sigmas: the noise levels at which the denoiser is
-  evaluated. Every sampler goes to sigma = 0 after the last of them.
-- An importance density is a non-negative weight over K equal bins of log-sigma, bin 0 the
-  lowest, bin K-1 the highest.
+- Where the n sampling steps go is a *placement* (core/placement.py), not a noise schedule.
 
 numpy only: the runtime imports this module on devices without torch. The few functions that
 must also run on torch tensors (for calibration) take the array namespace from their input.
@@ -176,66 +173,3 @@ class NoiseSchedule:
         low = ((log_sigmas <= log_sigma[..., None]).sum(-1) - 1).clip(0, self.num_train_timesteps - 2)
         w = ((log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])).clip(0, 1)
         return low + w
-
-
-def time_uniform_sigmas(schedule: NoiseSchedule, n: int) -> np.ndarray:
-    """n steps evenly spaced in t from T-1 down (diffusers' "trailing" spacing), at integer timesteps."""
-    steps = schedule.num_train_timesteps
-    if not 1 <= n <= steps:
-        raise ValueError(f"n must be between 1 and the {steps} train timesteps, got {n}")
-    return schedule.sigma_of_t(np.round(steps - np.arange(n) * (steps / n)) - 1)
-
-
-def karras_sigmas(schedule: NoiseSchedule, n: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. (2022) spacing from sigma_max to sigma_min inclusive, as k-diffusion's get_sigmas_karras."""
-    return _karras_ramp(np.linspace(0, 1, n), schedule.sigma_min, schedule.sigma_max, rho)
-
-
-def logsnr_uniform_sigmas(schedule: NoiseSchedule, n: int) -> np.ndarray:
-    """n steps at equal decrements of log-sigma from sigma_max, the last one decrement above sigma_min.
-
-    This is what sigmas_from_density gives for a uniform density over [log sigma_min, log sigma_max].
-    """
-    return np.exp(np.linspace(math.log(schedule.sigma_max), math.log(schedule.sigma_min), n + 1)[:-1])
-
-
-def sigmas_from_density(density: Any, n: int, log_sigma_min: float, log_sigma_max: float, xp: ModuleType = np) -> Any:
-    """n decreasing sigmas placed at equal increments of a density's mass, counted from the top.
-
-    density: K non-negative weights (not all zero) over equal bins of log-sigma spanning
-    [log_sigma_min, log_sigma_max], bin 0 the lowest. sigma_0 = exp(log_sigma_max); sigma_i is where
-    the mass above reaches i/n of the total, with the mass spread evenly inside each bin
-    (piecewise-linear inverse CDF). With xp=torch the result is differentiable in density.
-    """
-    log_sigmas = log_sigma_at_mass(density, np.arange(1, n) / n, log_sigma_min, log_sigma_max, xp)
-    return xp.exp(xp.concatenate([constant_like([log_sigma_max], log_sigmas), log_sigmas]))
-
-
-def log_sigma_at_mass(density: Any, fractions: Any, log_sigma_min: float, log_sigma_max: float,
-                      xp: ModuleType = np) -> Any:
-    """The inverse CDF: log-sigma where the density's mass above reaches each fraction in [0, 1)."""
-    mass = xp.flip(density, (0,))  # highest bin first
-    above = xp.cumsum(mass, 0)  # mass above each bin's lower edge
-    targets = above[-1] * constant_like(np.asarray(fractions, dtype=np.float64), above)
-    k = len(mass)
-    # the bin where each target is reached; its mass is > 0, so the division is safe
-    j = (above[None, :] < targets[:, None]).sum(1).clip(0, k - 1)
-    fraction = (targets - (above[j] - mass[j])) / mass[j]
-    return log_sigma_max - (j + fraction) * ((log_sigma_max - log_sigma_min) / k)
-
-
-def density_of_sigmas(sigmas: np.ndarray, k: int, log_sigma_min: float, log_sigma_max: float,
-                      epsilon: float = 1e-3) -> np.ndarray:
-    """A K-bin density (summing to 1) whose sigmas_from_density reproduces sigmas to within a bin.
-
-    Step i of n owns the mass 1/n spread evenly over log-sigma between sigma_i and sigma_{i+1}
-    (the last step down to log_sigma_min); each bin collects what falls in it. Mixed with
-    epsilon of the uniform density so it is strictly positive (a usable KL anchor).
-    """
-    n = len(sigmas)
-    bounds = np.clip(np.log(np.asarray(sigmas, dtype=np.float64)), log_sigma_min, log_sigma_max)
-    edges = np.linspace(log_sigma_min, log_sigma_max, k + 1)
-    # mass above each bin edge; all of it lies above the bottom edge, even a last step at sigma_min
-    above = np.interp(edges, np.append(bounds, log_sigma_min)[::-1], np.arange(n + 1)[::-1] / n)
-    above[0] = 1.0
-    return (1 - epsilon) * (above[:-1] - above[1:]) + epsilon / k

@@ -212,7 +212,7 @@ class TrtDenoiser:
 def open_denoiser(artifact_dir: str | Path, backend: str = "ort-cpu", threads: int | None = None,
                   precision: str = "fp32") -> Denoiser:
     """The runtime's entry point: the artifact's ONNX (or plan) on the chosen backend."""
-    from abcd_edge.manifest import check_trt_plan, load_manifest, load_trt_plan_meta
+    from abcd_edge.formats.manifest import check_trt_plan, load_manifest, load_trt_plan_meta
 
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir)

@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from abcd_edge import paths
-from abcd_edge.budget import parse_budget
+from abcd_edge.core.budget import parse_budget
 from abcd_edge.errors import UserError
 from abcd_edge.io import write_bytes_atomic, write_json_atomic
 
@@ -231,7 +231,7 @@ def _profile_facts(path: Path) -> dict | None:
 
 
 def _this_device(backend: str, threads: int | None) -> str:
-    from abcd_edge import hardware
+    from abcd_edge.device import hardware
 
     return hardware.device_id(backend, threads)
 
@@ -240,7 +240,7 @@ def resolve_tiers(specs: Sequence[str], manifest_hash: str, profiles_dir: Path =
     """Tier specs -> tiers. ``@real`` / ``@busy`` / ``@replay`` name the committed profiles of this artifact:
     all measured on this machine; the 2-thread (else first) of them with one core busy; every one measured
     elsewhere (when none, the 1-thread real one replayed, so the replay path is exercised and comparable)."""
-    from abcd_edge.profiler import load_profile
+    from abcd_edge.formats.profile import load_profile
 
     committed = []
     for p in sorted(Path(profiles_dir).glob("*.json")) if Path(profiles_dir).is_dir() else []:
@@ -543,8 +543,8 @@ def run_static(rt, clock, sigmas: np.ndarray, sampler: str, seed: int, batch: in
 
     ``stop_below``: stop before the first step whose sigma is below it (StepDrop; step 1 always runs).
     ``keep_history``: also return (elapsed ms after step i, x0 after step i) for every step (the oracle)."""
-    from abcd_edge.demo.data import to_uint8
-    from abcd_edge.samplers import make_sampler
+    from abcd_edge.core.images import to_uint8
+    from abcd_edge.core.samplers import make_sampler
 
     shape = (batch, rt.manifest.channels, rt.manifest.resolution, rt.manifest.resolution)
     rng = np.random.default_rng(seed)
@@ -593,9 +593,9 @@ class TeacherCache:
     def get(self, seeds: Sequence[int], batch: int, shape: tuple[int, ...], schedule, prediction_type: str,
             progress: Callable[[int], None] | None = None, chunk: int = 64) -> dict[int, np.ndarray]:
         """x0 [batch, C, H, W] per seed; computes the missing ones in chunks of up to ``chunk`` images."""
-        from abcd_edge.backends import open_denoiser
-        from abcd_edge.samplers import make_sampler
-        from abcd_edge.schedules import time_uniform_sigmas
+        from abcd_edge.device.backends import open_denoiser
+        from abcd_edge.core.samplers import make_sampler
+        from abcd_edge.core.placement import time_uniform_sigmas
         from abcd_edge.trajectory import sample
 
         out, missing = {}, []
@@ -645,7 +645,7 @@ class TierSession:
 
     def clock_for(self, *key) -> Any:
         """A fresh clock for one (method, rho) stream: replay draws seeded by the key; wall clock shared."""
-        from abcd_edge.clock import ReplayClock
+        from abcd_edge.device.clock import ReplayClock
 
         if not self.tier.simulated:
             return self.base.clock
@@ -704,21 +704,21 @@ def ays_for(table: dict[str, dict[int, list[float]]] | None, sampler: str) -> di
 
 
 def open_tier(tier: Tier, spec: GridSpec, batch: int) -> TierSession:
-    from abcd_edge.clock import ReplayClock
-    from abcd_edge.runtime import AnytimeRuntime
+    from abcd_edge.device.clock import ReplayClock
+    from abcd_edge.runtime.session import AnytimeRuntime
 
     threads = tier.threads if not tier.simulated else (os.cpu_count() or 1)
     clock_base = clock_abcd = None
     if tier.simulated:
-        from abcd_edge.profiler import load_profile
+        from abcd_edge.formats.profile import load_profile
 
         samples = load_profile(tier.profile_path).for_batch(batch).step.samples_ms
         clock_base, clock_abcd = ReplayClock(samples), ReplayClock(samples)
-    base = AnytimeRuntime(spec.artifact, profile=tier.profile_path, controller=None, backend=tier.backend,
+    base = AnytimeRuntime.open(spec.artifact, profile=tier.profile_path, controller=None, backend=tier.backend,
                           threads=threads, power="auto", clock=clock_base)
     base.profile.for_batch(batch)  # a UserError naming the missing batch, before any work
     cdir = _controller_dir(spec.controller, base.manifest.name)
-    abcd = AnytimeRuntime(spec.artifact, profile=tier.profile_path, controller=str(cdir) if cdir else None,
+    abcd = AnytimeRuntime.open(spec.artifact, profile=tier.profile_path, controller=str(cdir) if cdir else None,
                           backend=tier.backend, threads=threads, power="auto", clock=clock_abcd)
     # one ORT session for every method: methods are interleaved request by request, and a second session's
     # intra-op thread pool would go cold between its requests (measured: ~2x slower first steps at 2 threads)
@@ -760,7 +760,8 @@ class Plan:
 
 def budget_k(sess: TierSession, budget_ms: float, batch: int, sampler: str) -> tuple[int, int]:
     """(K at the profile's p99 as the runtime's rule plans it, K at the p50 with no tail margin)."""
-    from abcd_edge.runtime import GUARD_SLACK_MS, RULE_MAX_STEPS
+    from abcd_edge.runtime.cost import GUARD_SLACK_MS
+    from abcd_edge.runtime.plan import RULE_MAX_STEPS
 
     cm = sess.base.cost_model(batch, sampler)
     k99 = min(cm.steps_that_fit(budget_ms), RULE_MAX_STEPS)
@@ -773,9 +774,9 @@ def budget_k(sess: TierSession, budget_ms: float, batch: int, sampler: str) -> t
 def plan_methods(sess: TierSession, spec: GridSpec, budget_ms: float, sampler: str, batch: int,
                  stepdrop: dict[float, float] | None) -> list[Plan]:
     """The plan of each method (and rho where it matters) for one (tier, budget, sampler)."""
-    from abcd_edge.budget import Budget
-    from abcd_edge.samplers import SAMPLER_DESCRIPTORS
-    from abcd_edge.schedules import karras_sigmas, logsnr_uniform_sigmas, time_uniform_sigmas
+    from abcd_edge.core.budget import Budget
+    from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS
+    from abcd_edge.core.placement import karras_sigmas, logsnr_uniform_sigmas, time_uniform_sigmas
 
     sched = sess.base.schedule
     cm = sess.base.cost_model(batch, sampler)
@@ -834,8 +835,8 @@ def tune_stepdrop(sess: TierSession, spec: GridSpec, teacher: TeacherCache, budg
     """Per rho, the sigma threshold: the fewest steps of uniform-K whose mean PSNR vs the teacher on
     ``spec.stepdrop_validation`` validation images is within 2 dB x (1 - rho) of all K steps."""
     from abcd_edge.quality import teacher_distance
-    from abcd_edge.samplers import make_sampler
-    from abcd_edge.schedules import time_uniform_sigmas
+    from abcd_edge.core.samplers import make_sampler
+    from abcd_edge.core.placement import time_uniform_sigmas
     from abcd_edge.trajectory import sample
 
     k99, _ = budget_k(sess, budget_ms, batch, sampler)
@@ -953,7 +954,7 @@ def _controller_identity(spec: GridSpec, manifest_name: str) -> str:
 def estimate_seconds(spec: GridSpec, tiers: list[Tier]) -> dict:
     """A rough wall-time estimate from the profiles: real tiers spend ~the budget per request, replay tiers
     the local compute of the steps they take; plus the teacher (teacher_steps per image at the batch p50)."""
-    from abcd_edge.profiler import load_profile
+    from abcd_edge.formats.profile import load_profile
 
     total_req = len(spec.samplers) * spec.seeds * spec.requests_per_seed
     n_rho_runs = sum(1 if m in RHO_FREE else len(spec.quality) for m in spec.methods)
@@ -992,8 +993,8 @@ def run_grid(spec: GridSpec, out: Path, resume: bool = True, quality: Quality | 
 def _run_grid(spec, out, resume, quality, progress, tiers, log) -> Path:
     from tqdm import tqdm
 
-    from abcd_edge import hardware
-    from abcd_edge.manifest import load_manifest, manifest_hash
+    from abcd_edge.device import hardware
+    from abcd_edge.formats.manifest import load_manifest, manifest_hash
 
     log = log or (lambda s: print(f"abcd-edge bench: {s}", file=sys.stderr))
     validate_spec(spec)
@@ -1072,7 +1073,7 @@ def _run_grid(spec, out, resume, quality, progress, tiers, log) -> Path:
         f"setting = {spec.seeds} seeds x {req} requests x batch {spec.batch}; estimate ~{est['total'] / 60:.1f} min")
     shape = (manifest.channels, manifest.resolution, manifest.resolution)
     teacher = TeacherCache(out / "teacher", artifact, mhash, spec.teacher_steps, threads=os.cpu_count())
-    from abcd_edge.schedules import NoiseSchedule
+    from abcd_edge.core.noise import NoiseSchedule
 
     schedule = NoiseSchedule.from_config(manifest.scheduler_config)
     if todo:   # every method's images are scored against the teacher (teacher PSNR); the oracle picks by it
@@ -1195,8 +1196,8 @@ def _slug(text: str) -> str:
 
 def _execute(sess: TierSession, p: Plan, spec: GridSpec, bms: float, budget: str, sampler: str, rs: int, batch: int,
              clock, teacher_x0: np.ndarray | None) -> RunResult | None:
-    from abcd_edge.budget import Budget
-    from abcd_edge.demo.data import to_uint8
+    from abcd_edge.core.budget import Budget
+    from abcd_edge.core.images import to_uint8
     from abcd_edge.quality import teacher_distance
 
     if p.method == "abcd":
@@ -1379,7 +1380,7 @@ def wins_table(cells: list[dict]) -> list[dict]:
 def goals(cells: list[dict], meta: dict) -> dict:
     """The issue's goals: ABCD success >= 99.9 % on real tiers at budgets >= 3x p50 step; ABCD feature-FID <=
     0.9x the best baseline's (among baselines ABCD matches or beats on success) on >= 80 % of settings."""
-    from abcd_edge.profiler import load_profile
+    from abcd_edge.formats.profile import load_profile
 
     batch = meta["grid"]["batch"]
     p50 = {}
@@ -1688,7 +1689,7 @@ def _summarize(out: Path, quality, log) -> Path:
     feat_files = list((out / "features").glob("*.npz")) if (out / "features").is_dir() else []
     if feat_files:
         if quality == "auto":
-            from abcd_edge.manifest import load_manifest
+            from abcd_edge.formats.manifest import load_manifest
 
             res = load_manifest(Path(meta["artifact"]), verify_hashes=False).resolution
             q, _ = Quality.default(res, meta["grid"]["ref_seed"], meta["grid"]["ref_n"])

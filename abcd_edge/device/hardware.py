@@ -159,7 +159,7 @@ def jetson_info(use_jtop: bool = True, dt_model_path: str | None = None, release
     l4t = _l4t_release(release_path)
     board = None
     if use_jtop:
-        from abcd_edge.telemetry import jtop_board_info
+        from abcd_edge.device.telemetry import jtop_board_info
         board = jtop_board_info()
     if board is None:
         if not l4t and "jetson" not in dt.lower():
@@ -178,7 +178,7 @@ def jetson_info(use_jtop: bool = True, dt_model_path: str | None = None, release
 def machine_info() -> dict:
     """What this machine offers, for ``abcd-edge info`` and for device ids."""
     import numpy
-    from abcd_edge.telemetry import available_meters
+    from abcd_edge.device.telemetry import available_meters
 
     ort_version, providers, ort_error = _onnxruntime()
     logical, usable = cpu_counts()

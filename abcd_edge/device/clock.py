@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from abcd_edge.backends import Abandoned
+from abcd_edge.device.backends import Abandoned
 
 
 class Clock(Protocol):

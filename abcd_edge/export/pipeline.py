@@ -10,8 +10,8 @@ passes parity against torch (ORT CPU, max abs <= ``parity_tol``); a failed or re
 export leaves an existing ``out`` untouched.
 
 This module imports torch, onnx, onnxruntime and diffusers lazily (inside functions),
-so ``from abcd_edge.export import check_trt_plan`` stays torch-free; the TensorRT plan
-checks themselves live in :mod:`abcd_edge.manifest`.
+so ``from abcd_edge.export.pipeline import check_trt_plan`` stays torch-free; the TensorRT plan
+checks themselves live in :mod:`abcd_edge.formats.manifest`.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from abcd_edge.errors import UserError
 from abcd_edge.io import atomic_dir, atomic_path, write_bytes_atomic
-from abcd_edge.manifest import (  # noqa: F401  (re-exported: check_trt_plan, load_trt_plan_meta)
+from abcd_edge.formats.manifest import (  # noqa: F401  (re-exported: check_trt_plan, load_trt_plan_meta)
     FLOPS_CONVENTION, MANIFEST_NAME, SCHEMA_VERSION, Manifest, check_trt_plan, detect_gpu,
     load_trt_plan_meta, sha256_file)
 
@@ -653,7 +653,7 @@ def _export_loaded(loaded: LoadedModel, out: Path, resolution: int | None, batch
                   "rel_convention": "max|ort - torch| / max|torch|"}
 
         bar.stage("flops")
-        from abcd_edge.onnx_flops import count_flops
+        from abcd_edge.export.flops import count_flops
 
         counted = count_flops(tmp / ONNX_NAME, batch=1)
         flops_t = torch_flops(module, _torch_inputs(loaded, res, 1))
@@ -840,7 +840,7 @@ def format_bench(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m abcd_edge.export --bench  (the CLI wires `abcd-edge export`)
+if __name__ == "__main__":  # python -m abcd_edge.export.pipeline --bench  (the CLI wires `abcd-edge export`)
     import argparse
 
     ap = argparse.ArgumentParser(description="export bench (ORT CPU vs torch eager)")

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from abcd_edge.budget import Budget
+from abcd_edge.core.budget import Budget
 from abcd_edge.io import atomic_path
-from abcd_edge.runtime import AnytimeRuntime, RequestReport, save_png
+from abcd_edge.core.images import save_png
+from abcd_edge.runtime.report import RequestReport
+from abcd_edge.runtime.session import AnytimeRuntime
 
 WARMUP_REQUESTS = 20
 
@@ -93,7 +95,7 @@ def serve(budget: Budget, rho: float, sampler: str, schedule: str, seed: int, ba
     """
     from tqdm import tqdm
 
-    rt = AnytimeRuntime(artifact, profile=profile, controller=controller, backend=backend, threads=threads,
+    rt = AnytimeRuntime.open(artifact, profile=profile, controller=controller, backend=backend, threads=threads,
                         power=power)
     stats = RunningStats(requests)
     rss_warm = None

@@ -1,0 +1,128 @@
+"""Step placement: where n sampling steps go on a noise schedule.
+
+- A step schedule is n strictly decreasing sigmas: the noise levels at which the denoiser is
+  evaluated. Every sampler goes to sigma = 0 after the last of them.
+- A placement kind (uniform, karras, logsnr, or a learned density) maps a mass position
+  u in [0, 1) to a sigma; n steps sit at u = k/n.
+- An importance density is a non-negative weight over K equal bins of log-sigma, bin 0 the
+  lowest, bin K-1 the highest.
+
+numpy only; the density functions also run on torch tensors (calibration backpropagates
+through them).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable
+
+import numpy as np
+
+from abcd_edge.core.noise import NoiseSchedule, _karras_ramp, constant_like
+
+STATIC_PLACEMENTS = ("uniform", "karras", "logsnr")
+KARRAS_RHO = 7.0
+
+
+@dataclass
+class Placement:
+    """Where the steps of a request go: sigma at mass position u in [0, 1), counted from sigma_max.
+
+    A plan of n steps sits at u = k/n; re-planning m steps after position u_i puts them at
+    u_i + (1 - u_i) k/(m + 1), k = 1..m — the tail of a fresh (m+1)-step plan from where we are.
+    """
+
+    kind: str
+    sigma_at: Callable[[np.ndarray], np.ndarray]
+
+    def plan(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        u = np.arange(n) / n
+        return self.sigma_at(u), u
+
+    def replan(self, u_now: float, m: int) -> tuple[np.ndarray, np.ndarray]:
+        u = u_now + (1 - u_now) * np.arange(1, m + 1) / (m + 1)
+        return self.sigma_at(u), u
+
+
+def static_placement(kind: str, schedule: NoiseSchedule) -> Placement:
+    """A fixed rule: time-uniform (trailing, t = T (1 - u) - 1), Karras (rho = 7) or log-SNR uniform."""
+    lo, hi = math.log(schedule.sigma_min), math.log(schedule.sigma_max)
+    if kind == "uniform":
+        steps = schedule.num_train_timesteps
+        return Placement("uniform", lambda u: schedule.sigma_of_t(steps * (1 - u) - 1))
+    if kind == "logsnr":
+        return Placement("logsnr", lambda u: np.exp(hi - u * (hi - lo)))
+    if kind == "karras":              # Karras et al.'s ramp, at u (the last step above sigma_min)
+        a, b = schedule.sigma_max ** (1 / KARRAS_RHO), schedule.sigma_min ** (1 / KARRAS_RHO)
+        return Placement("karras", lambda u: (a + u * (b - a)) ** KARRAS_RHO)
+    raise ValueError(f"placement {kind!r} is not one of {', '.join(STATIC_PLACEMENTS)}")
+
+
+def density_placement(density: np.ndarray, log_sigma_min: float, log_sigma_max: float,
+                      kind: str = "controller") -> Placement:
+    """The steps at equal increments of a density's mass (the controller's weight generator)."""
+    return Placement(kind, lambda u: np.exp(log_sigma_at_mass(density, u, log_sigma_min, log_sigma_max)))
+
+
+def time_uniform_sigmas(schedule: NoiseSchedule, n: int) -> np.ndarray:
+    """n steps evenly spaced in t from T-1 down (diffusers' "trailing" spacing), at integer timesteps."""
+    steps = schedule.num_train_timesteps
+    if not 1 <= n <= steps:
+        raise ValueError(f"n must be between 1 and the {steps} train timesteps, got {n}")
+    return schedule.sigma_of_t(np.round(steps - np.arange(n) * (steps / n)) - 1)
+
+
+def karras_sigmas(schedule: NoiseSchedule, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) spacing from sigma_max to sigma_min inclusive, as k-diffusion's get_sigmas_karras."""
+    return _karras_ramp(np.linspace(0, 1, n), schedule.sigma_min, schedule.sigma_max, rho)
+
+
+def logsnr_uniform_sigmas(schedule: NoiseSchedule, n: int) -> np.ndarray:
+    """n steps at equal decrements of log-sigma from sigma_max, the last one decrement above sigma_min.
+
+    This is what sigmas_from_density gives for a uniform density over [log sigma_min, log sigma_max].
+    """
+    return np.exp(np.linspace(math.log(schedule.sigma_max), math.log(schedule.sigma_min), n + 1)[:-1])
+
+
+def sigmas_from_density(density: Any, n: int, log_sigma_min: float, log_sigma_max: float, xp: ModuleType = np) -> Any:
+    """n decreasing sigmas placed at equal increments of a density's mass, counted from the top.
+
+    density: K non-negative weights (not all zero) over equal bins of log-sigma spanning
+    [log_sigma_min, log_sigma_max], bin 0 the lowest. sigma_0 = exp(log_sigma_max); sigma_i is where
+    the mass above reaches i/n of the total, with the mass spread evenly inside each bin
+    (piecewise-linear inverse CDF). With xp=torch the result is differentiable in density.
+    """
+    log_sigmas = log_sigma_at_mass(density, np.arange(1, n) / n, log_sigma_min, log_sigma_max, xp)
+    return xp.exp(xp.concatenate([constant_like([log_sigma_max], log_sigmas), log_sigmas]))
+
+
+def log_sigma_at_mass(density: Any, fractions: Any, log_sigma_min: float, log_sigma_max: float,
+                      xp: ModuleType = np) -> Any:
+    """The inverse CDF: log-sigma where the density's mass above reaches each fraction in [0, 1)."""
+    mass = xp.flip(density, (0,))  # highest bin first
+    above = xp.cumsum(mass, 0)  # mass above each bin's lower edge
+    targets = above[-1] * constant_like(np.asarray(fractions, dtype=np.float64), above)
+    k = len(mass)
+    # the bin where each target is reached; its mass is > 0, so the division is safe
+    j = (above[None, :] < targets[:, None]).sum(1).clip(0, k - 1)
+    fraction = (targets - (above[j] - mass[j])) / mass[j]
+    return log_sigma_max - (j + fraction) * ((log_sigma_max - log_sigma_min) / k)
+
+
+def density_of_sigmas(sigmas: np.ndarray, k: int, log_sigma_min: float, log_sigma_max: float,
+                      epsilon: float = 1e-3) -> np.ndarray:
+    """A K-bin density (summing to 1) whose sigmas_from_density reproduces sigmas to within a bin.
+
+    Step i of n owns the mass 1/n spread evenly over log-sigma between sigma_i and sigma_{i+1}
+    (the last step down to log_sigma_min); each bin collects what falls in it. Mixed with
+    epsilon of the uniform density so it is strictly positive (a usable KL anchor).
+    """
+    n = len(sigmas)
+    bounds = np.clip(np.log(np.asarray(sigmas, dtype=np.float64)), log_sigma_min, log_sigma_max)
+    edges = np.linspace(log_sigma_min, log_sigma_max, k + 1)
+    # mass above each bin edge; all of it lies above the bottom edge, even a last step at sigma_min
+    above = np.interp(edges, np.append(bounds, log_sigma_min)[::-1], np.arange(n + 1)[::-1] / n)
+    above[0] = 1.0
+    return (1 - epsilon) * (above[:-1] - above[1:]) + epsilon / k

@@ -20,12 +20,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from abcd_edge.errors import UserError
 from abcd_edge.io import atomic_path
+from abcd_edge.core.images import to_uint8
 from abcd_edge.paths import FEATURENET_DIR
 
 ONNX_FILE = "featurenet.onnx"
@@ -101,8 +102,6 @@ class FeatureNet:
 
     def features_model_space(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
         """float NCHW in [-1, 1] (the sampler's x0) -> features, quantised to uint8 as an image would be."""
-        from abcd_edge.core.images import to_uint8
-
         return self.features(to_uint8(np.asarray(x)), batch=batch)
 
 
@@ -233,18 +232,24 @@ class ReferenceStats:
 
     @classmethod
     def load_or_compute(cls, seed: int, n: int, net: FeatureNet | None = None,
-                        cache_dir: str | Path | None = None, resolution: int = 32,
-                        batch: int = 256) -> "ReferenceStats":
-        """Load ``reference_<seed>_<n>.npz`` if it matches this feature net, else compute and cache it."""
+                        cache_dir: str | Path | None = None, resolution: int = 32, batch: int = 256,
+                        images: Callable[[int, int, int], np.ndarray] | None = None) -> "ReferenceStats":
+        """Load ``reference_<seed>_<n>.npz`` if it matches this feature net, else compute and cache it.
+
+        Computing needs the reference images: ``images(seed, n, resolution)`` -> uint8 NHWC (the demo's
+        procedural generator, ``abcd_edge.demo.data.make_images``). The library never imports the demo,
+        so without ``images`` a missing cache is refused with the command that makes it."""
         net = net or FeatureNet()
         cache_dir = Path(cache_dir) if cache_dir is not None else FEATURENET_DIR
         path = cls.cache_path(seed, n, cache_dir)
         cached = cls._load(path, seed, n, resolution, net.sha256)
         if cached is not None:
             return cached
-        from abcd_edge.demo.data import make_images
-
-        feats = net.features(make_images(seed, n, resolution), batch=batch)
+        if images is None:
+            raise UserError(f"reference statistics {str(path)!r} are missing or were made with another feature net; "
+                            f"make them with `python -m abcd_edge.demo.reference --seed {seed} --n {n} "
+                            f"--resolution {resolution}`")
+        feats = net.features(images(seed, n, resolution), batch=batch)
         mu, sigma = mean_cov(feats)
         stats = cls(seed, n, resolution, mu, sigma, feats.astype(np.float32), net.sha256)
         stats.save(path)
@@ -277,5 +282,3 @@ class ReferenceStats:
         """feature-FID of a feature set [M, D] against these statistics."""
         return frechet_distance(*mean_cov(feats), self.mu, self.sigma)
 
-    def kid(self, feats: np.ndarray, **kw) -> KID:
-        return feature_kid(feats, self.features, **kw)

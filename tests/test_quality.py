@@ -212,7 +212,7 @@ def test_feature_fid_real_vs_real_small_real_vs_noise_large(net):
 
 
 def test_reference_stats_cached_and_reused(net, tmp_path, monkeypatch):
-    s1 = ReferenceStats.load_or_compute(99, 48, net=net, cache_dir=tmp_path)
+    s1 = ReferenceStats.load_or_compute(99, 48, net=net, cache_dir=tmp_path, images=make_images)
     path = ReferenceStats.cache_path(99, 48, tmp_path)
     assert path.is_file() and not list(tmp_path.glob("*.tmp*"))
     assert s1.mu.shape == (128,) and s1.sigma.shape == (128, 128) and s1.features.shape == (48, 128)
@@ -223,7 +223,7 @@ def test_reference_stats_cached_and_reused(net, tmp_path, monkeypatch):
         raise AssertionError("reference images regenerated despite a valid cache")
 
     monkeypatch.setattr(data, "make_images", no_regen)
-    s2 = ReferenceStats.load_or_compute(99, 48, net=net, cache_dir=tmp_path)
+    s2 = ReferenceStats.load_or_compute(99, 48, net=net, cache_dir=tmp_path, images=make_images)
     np.testing.assert_array_equal(s1.mu, s2.mu)
     np.testing.assert_array_equal(s1.sigma, s2.sigma)
     assert s2.fid(s1.features) == pytest.approx(0.0, abs=1e-6)
@@ -233,8 +233,8 @@ def test_reference_stats_cached_and_reused(net, tmp_path, monkeypatch):
     s1.featurenet_sha256 = "0" * 64
     s1.mu = s1.mu + 1.0
     s1.save(path)
-    s3 = ReferenceStats.load_or_compute(99, 48, net=net, cache_dir=tmp_path)
+    s3 = ReferenceStats.load_or_compute(99, 48, net=net, cache_dir=tmp_path, images=make_images)
     np.testing.assert_allclose(s3.mu, s2.mu)
     path.write_bytes(b"garbage")
-    s4 = ReferenceStats.load_or_compute(99, 48, net=net, cache_dir=tmp_path)
+    s4 = ReferenceStats.load_or_compute(99, 48, net=net, cache_dir=tmp_path, images=make_images)
     np.testing.assert_allclose(s4.mu, s2.mu)

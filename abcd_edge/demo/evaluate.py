@@ -30,7 +30,7 @@ def generate(denoiser, manifest, steps: int, n: int, seed: int, batch: int = 64)
     from abcd_edge.core.samplers import make_sampler
     from abcd_edge.core.noise import NoiseSchedule
     from abcd_edge.core.placement import time_uniform_sigmas
-    from abcd_edge.trajectory import sample
+    from abcd_edge.core.loop import sample
 
     schedule = NoiseSchedule.from_config(manifest.scheduler_config)
     rng = np.random.default_rng(seed)
@@ -51,11 +51,12 @@ def evaluate(artifact: Path, out: Path, samples: int, reference: int, threads: i
     from abcd_edge.formats.manifest import load_manifest
     from abcd_edge.quality import FeatureNet, ReferenceStats
     from abcd_edge.core.images import save_png
+    from abcd_edge.demo.data import make_images
 
     manifest = load_manifest(artifact)
     denoiser = OrtDenoiser(artifact / "denoiser.onnx", threads=threads)
     net = FeatureNet(threads=threads)
-    ref = ReferenceStats.load_or_compute(REFERENCE_SEED, reference, net)
+    ref = ReferenceStats.load_or_compute(REFERENCE_SEED, reference, net, images=make_images)
     t0 = time.monotonic()
     fids, grids = {}, []
     for steps in tqdm(STEP_COUNTS, desc="evaluate", unit="setting"):
@@ -65,7 +66,7 @@ def evaluate(artifact: Path, out: Path, samples: int, reference: int, threads: i
             grids.append(images[:12])
     noise_images = np.clip(np.random.default_rng(1).normal(127.5, 80, (samples, 32, 32, 3)), 0, 255).astype(np.uint8)
     fid_noise = ref.fid(net.features(noise_images))
-    held_out = ReferenceStats.load_or_compute(REFERENCE_SEED + 1, samples, net)
+    held_out = ReferenceStats.load_or_compute(REFERENCE_SEED + 1, samples, net, images=make_images)
     fid_data = ref.fid(held_out.features)
     monotone = all(fids[a] >= fids[b] for a, b in zip(STEP_COUNTS, STEP_COUNTS[1:]))
     monotone_3_10_50 = fids[3] >= fids[10] >= fids[50]

@@ -26,8 +26,10 @@ test: $(STAMP)
 demo-model: $(STAMP)
 	$(PY) -m abcd_edge.demo.train --out export/demo-model --steps 6000
 
+## the quality feature network and its committed reference statistics (generator seed 4321, 2048 images)
 featurenet: $(STAMP)
 	$(PY) -m abcd_edge.demo.featurenet --out export/featurenet
+	$(PY) -m abcd_edge.demo.reference --seed 4321 --n 2048
 
 ## the evidence that the demo model is real: feature-FID vs steps + sample grid
 evaluate-demo: $(STAMP)
@@ -48,7 +50,7 @@ bench: $(STAMP)
 	$(CLI) bench --grid quick --out bench/quick
 
 bench-runtime: $(STAMP)
-	$(PY) -m abcd_edge.bench.runtime_bench --out bench/runtime
+	$(CLI) bench-runtime --out bench/runtime
 
 clean:
 	rm -rf out .pytest_cache

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -225,6 +226,7 @@ class ReferenceStats:
     sigma: np.ndarray     # [D, D] float64
     features: np.ndarray  # [n, D] float32 (for KID)
     featurenet_sha256: str
+    _root: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)  # sigma^1/2, once
 
     @staticmethod
     def cache_path(seed: int, n: int, cache_dir: str | Path = FEATURENET_DIR) -> Path:
@@ -281,4 +283,20 @@ class ReferenceStats:
     def fid(self, feats: np.ndarray) -> float:
         """feature-FID of a feature set [M, D] against these statistics."""
         return frechet_distance(*mean_cov(feats), self.mu, self.sigma)
+
+    def fid_to_reference(self, feats: np.ndarray) -> float:
+        """:meth:`fid` (= frechet_distance) for many feature sets against these fixed statistics, fast.
+
+        With R = sigma_ref^1/2 computed once, tr((R S R)^1/2) for the unbiased covariance S of the
+        features is the sum of the singular values of A = (X - mu) R / sqrt(N - 1), since R S R = A^T A:
+        one small SVD per call and no covariance matrix (the bench's bootstrap calls this hundreds of times)."""
+        if self._root is None:
+            self._root = _sqrtm_psd(np.asarray(self.sigma, np.float64))
+        x = _check_feats(feats, "feats")
+        mu = x.mean(0)
+        a = (x - mu) @ self._root / math.sqrt(len(x) - 1)
+        tr_covmean = float(np.linalg.svd(a, compute_uv=False).sum())
+        tr_s = float(((x - mu) ** 2).sum() / (len(x) - 1))
+        d = mu - self.mu
+        return max(float(d @ d + tr_s + float(np.trace(self.sigma)) - 2.0 * tr_covmean), 0.0)
 

@@ -23,5 +23,5 @@ done
 # Energy budget: needs the NVML meter (refused on machines without one).
 cli run --backend "$BACKEND" --profile "$OUTDIR/profile-$BACKEND.json" --power "$POWER" --budget 2J \
     --requests $((REQUESTS / 5 + 1)) --out "$OUTDIR/run-2J.png" --report "$OUTDIR/run-2J.json"
-"$PY" -m abcd_edge.bench.runtime_bench --backend "$BACKEND" --profile "$OUTDIR/profile-$BACKEND.json" --loads quiet \
+cli bench-runtime --backend "$BACKEND" --profile "$OUTDIR/profile-$BACKEND.json" --loads quiet \
     --budgets 10ms,20ms,50ms --requests "$REQUESTS" --out "$OUTDIR/runtime-bench"

@@ -5,6 +5,46 @@ from pathlib import Path
 
 import pytest
 
+class StepClock:
+    """A fake clock: every denoiser call costs ``step_ms`` (a number, or a function of the call index);
+    nothing else costs anything. Deterministic exit-rule tests run on it."""
+
+    simulated = True
+
+    def __init__(self, step_ms):
+        self.step_ms = step_ms
+        self.now = 0.0
+        self.k = 0
+
+    def start(self):
+        self.now, self.k = 0.0, 0
+
+    def elapsed_ms(self):
+        return self.now
+
+    def run_step(self, call, abandon, guard_ms):
+        cost = self.step_ms(self.k) if callable(self.step_ms) else self.step_ms
+        self.k += 1
+        out = call()
+        if guard_ms is not None and self.now + cost > guard_ms:
+            self.now = guard_ms
+            return None, cost
+        self.now += cost
+        return out, cost
+
+    def disarm(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.fixture()
+def step_clock():
+    """The :class:`StepClock` class: ``step_clock(1.0)`` is a clock whose every step costs 1 ms."""
+    return StepClock
+
+
 TINY_UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                  layers_per_block=1, norm_num_groups=4)
@@ -27,7 +67,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_model_dir, tmp_path_factory) -> Path:
-    from abcd_edge.export.pipeline import export_model
+    from abcd_edge.export import export_model
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     export_model(str(tiny_model_dir), out, batches=(1, 2), progress=False, threads=1)
@@ -71,12 +111,13 @@ def calibrated(tiny_artifact, tiny_model_dir, fixed_profile, tmp_path_factory):
     """A short real calibration of the tiny artifact: (folder, report)."""
     from diffusers import UNet2DModel
 
-    from abcd_edge.calibrate.legacy import CalibrationConfig, calibrate
+    from abcd_edge.calibrate import CalibrationConfig, calibrate
 
     unet = UNet2DModel.from_pretrained(tiny_model_dir / "unet").eval().requires_grad_(False)
     out = tmp_path_factory.mktemp("cal") / "tiny"
     cfg = CalibrationConfig(samplers=("ddim",), train_noises=16, val_noises=8, wg_iters=40, wg_batch=4,
                             n_train_max=4, trace_contexts=12, trace_batch=4, trace_max_steps=8, policy_iters=40,
                             cost_iters=60, ays_steps=(3,), ays_iters=5, threads=1)
-    report = calibrate(tiny_artifact, [fixed_profile], out, cfg, progress=False, unet=unet)
+    report = calibrate(tiny_artifact, [fixed_profile], out, cfg, progress=False, command="pytest: tiny calibration",
+                       unet=unet)
     return out, report

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from abcd_edge.core.budget import parse_budget
-from abcd_edge.formats.controller import Controller, ControllerSpec, cost_features, decision_features, torch_controller
+from abcd_edge.calibrate.torch_model import torch_controller
+from abcd_edge.formats.controller import Controller, ControllerSpec, cost_features, decision_features
 from abcd_edge.errors import UserError
 
 
@@ -73,6 +74,18 @@ def test_tiny_calibration_end_to_end(calibrated, tiny_artifact):
     curve = calibrated[1]["wg_curve"]
     assert np.mean(curve[-10:]) < np.mean(curve[:10]), (curve[:10], curve[-10:])
     assert set(report["validation_teacher_mse"]) == {"ddim/n=3", "ddim/n=5", "ddim/n=10", "ddim/n=20"}
+    for row in report["validation_teacher_mse"].values():
+        assert {"learned", "uniform", "karras", "logsnr"} <= set(row) and all(v > 0 for v in row.values())
+    assert "ays" in report["validation_teacher_mse"]["ddim/n=3"]          # ays_steps=(3,)
+    # report.json is written once, complete: what calibrate() returned, with the command that ran it
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert on_disk["command"] == "pytest: tiny calibration"
+    assert set(on_disk["exit_behaviour"]) == {"0.3", "0.6", "0.9", "1.0"}
+    for row in on_disk["exit_behaviour"].values():
+        assert row["planned_steps"] == 8 and 1 <= row["mean_steps"] <= row["planned_steps"]   # trace_max_steps
+    assert set(on_disk["cost_predictor"]) == {"fixed"}
+    assert not (out.parent / f".{out.name}.ckpt").exists()              # checkpoints removed once written
 
 
 def test_controller_from_another_artifact_refused(calibrated):
@@ -81,20 +94,72 @@ def test_controller_from_another_artifact_refused(calibrated):
         Controller.load(out, "f" * 64)
 
 
-def test_runtime_uses_controller_and_keeps_hard_rule(calibrated, tiny_artifact, fixed_profile):
+def test_runtime_uses_controller_and_keeps_hard_rule(calibrated, tiny_artifact, fixed_profile, step_clock):
     from abcd_edge.runtime.session import AnytimeRuntime
-    from tests.test_runtime import StepClock
 
     out, _ = calibrated
     rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=out, threads=1, power="none",
-                        clock=StepClock(3.0))
+                        clock=step_clock(3.0))
     _, rep = rt.generate(parse_budget("40ms"), rho=1.0)
     assert rep.schedule == "controller" and rep.controller is not None
-    assert rep.latency_ms <= 40 and rep.exit_reason in ("budget", "quality", "done")
+    # rho = 1 asks for every step the budget allows: the exit policy is not consulted
+    assert rep.latency_ms <= 40 and rep.exit_reason in ("budget", "done") and rep.steps >= 1
+
+
+def test_torch_rollout_is_the_onnx_loop_with_gradients(tiny_artifact, tiny_model_dir):
+    """The weight generator's rollout (the one step loop over torch tensors, through TorchDenoiser) gives
+    the ONNX Runtime result from the same noise and sigmas, and a gradient for every sigma."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from abcd_edge.calibrate.weights import TorchDenoiser
+    from abcd_edge.core.loop import run_steps, sample
+    from abcd_edge.core.noise import NoiseSchedule
+    from abcd_edge.core.placement import time_uniform_sigmas
+    from abcd_edge.core.samplers import make_sampler
+    from abcd_edge.device.backends import open_denoiser
+    from abcd_edge.formats.manifest import load_manifest
+
+    manifest = load_manifest(tiny_artifact)
+    schedule = NoiseSchedule.from_config(manifest.scheduler_config)
+    unet = UNet2DModel.from_pretrained(tiny_model_dir / "unet").eval().requires_grad_(False)
+    ort = open_denoiser(tiny_artifact, threads=1)
+    noise = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    sig = time_uniform_sigmas(schedule, 4)
+    for name in ("ddim", "dpmpp-2m", "euler"):
+        ref, _ = sample(ort, make_sampler(name, schedule, sig, manifest.prediction_type), noise)
+        sigmas = torch.tensor(sig, dtype=torch.float64, requires_grad=True)
+        smp = make_sampler(name, schedule, sigmas, manifest.prediction_type)
+        x0 = run_steps(TorchDenoiser(unet), smp, torch.from_numpy(noise).double()).x0
+        assert np.abs(x0.detach().numpy() - ref).max() < 1e-4, name
+        x0.square().mean().backward()
+        assert torch.isfinite(sigmas.grad).all() and (sigmas.grad != 0).all(), (name, sigmas.grad)
+
+
+def test_validation_budgets_fit_their_steps_by_the_cost_model(tiny_artifact, fixed_profile):
+    """Calibration asks the runtime's CostModel how many steps fit; the budget each validation run of n
+    steps is planned for fits exactly n static steps at the tail (and one more does not)."""
+    from abcd_edge.calibrate.evaluate import VALIDATION_STEPS, budget_for_steps
+    from abcd_edge.calibrate.state import CalibrationProfile
+    from abcd_edge.formats.manifest import manifest_hash
+    from abcd_edge.formats.profile import load_profile
+    from abcd_edge.runtime.cost import CostModel
+
+    prof = CalibrationProfile.load(fixed_profile, manifest_hash(tiny_artifact))
+    raw = load_profile(fixed_profile)
+    for sampler in ("ddim", "dpmpp-2m", "euler"):
+        cost = prof.cost_model(sampler)
+        assert cost == CostModel.from_profile(raw.for_batch(1), sampler,
+                                              decision_tail_ms=raw.controller_decision.p99_ms)
+        for n in VALIDATION_STEPS:
+            budget = budget_for_steps(cost, n)
+            assert prof.steps_that_fit(budget, sampler) == cost.steps_that_fit(budget, level="tail") == n
+            assert prof.steps_that_fit(budget + cost.next_step_ms(), sampler) == n + 1
+            assert prof.steps_that_fit(budget, sampler, cap=2) == min(n, 2)
 
 
 def test_calibrate_bad_input(tiny_artifact, fixed_profile, tmp_path):
-    from abcd_edge.calibrate.legacy import CalibrationConfig, calibrate
+    from abcd_edge.calibrate import CalibrationConfig, calibrate
 
     with pytest.raises(UserError, match="empty"):
         calibrate(tiny_artifact, [fixed_profile], tmp_path / "c", CalibrationConfig(samplers=()), progress=False)

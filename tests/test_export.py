@@ -22,10 +22,16 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from diffusers import CMStochasticIterativeScheduler, DDPMScheduler, UNet2DModel  # noqa: E402
 
-from abcd_edge.export import pipeline as ex  # noqa: E402
+from abcd_edge.device import tensorrt as trt_device  # noqa: E402
+from abcd_edge.device.tensorrt import check_trt_plan  # noqa: E402
 from abcd_edge.errors import UserError  # noqa: E402
-from abcd_edge.formats.manifest import Manifest, check_trt_plan, load_manifest, manifest_hash, sha256_file  # noqa: E402
+from abcd_edge.export import ExportError, export_model  # noqa: E402
 from abcd_edge.export.flops import count_flops  # noqa: E402
+from abcd_edge.export.model import load_model, weights_hash  # noqa: E402
+from abcd_edge.export.onnx_export import export_onnx, torch_flops  # noqa: E402
+from abcd_edge.export.pipeline import _check_resolution  # noqa: E402
+from abcd_edge.export.tensorrt import TRT_WORKSPACE_BYTES, build_trt_plan  # noqa: E402
+from abcd_edge.formats.manifest import Manifest, load_manifest, manifest_hash, sha256_file  # noqa: E402
 
 TINY = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
             norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
@@ -58,7 +64,7 @@ def attn_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("attn")
     model = _save(root / "model", TINY_ATTN, DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
     out = root / "artifact"
-    m = ex.export_model(str(model), out, batches=(1, 2), fp16=True, progress=False, threads=1)
+    m = export_model(str(model), out, batches=(1, 2), fp16=True, progress=False, threads=1)
     return model, out, m
 
 
@@ -68,7 +74,7 @@ def cc_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("cc")
     model = _save(root / "model", TINY_CC, DDPMScheduler(prediction_type="v_prediction"))
     out = root / "artifact"
-    m = ex.export_model(str(model), out, batches=(1,), progress=False, threads=1, external_data=True)
+    m = export_model(str(model), out, batches=(1,), progress=False, threads=1, external_data=True)
     return model, out, m
 
 
@@ -78,7 +84,7 @@ def cm_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("cm")
     model = _save(root / "model", TINY, CMStochasticIterativeScheduler())
     out = root / "artifact"
-    m = ex.export_model(str(model), out, batches=(1,), fp16=True, fp16_bound=1e-9, progress=False, threads=1)
+    m = export_model(str(model), out, batches=(1,), fp16=True, fp16_bound=1e-9, progress=False, threads=1)
     return model, out, m
 
 
@@ -192,7 +198,7 @@ def test_consistency_model(cm_export):
 
 
 def test_bare_unet_folder_uses_ddpm_default(bare_unet):
-    loaded = ex.load_model(str(bare_unet))
+    loaded = load_model(str(bare_unet))
     assert loaded.scheduler_config["beta_schedule"] == "linear"
     assert loaded.scheduler_config["num_train_timesteps"] == 1000
     assert "default DDPM" in loaded.scheduler_source and any("DDPM default" in n for n in loaded.notes)
@@ -233,7 +239,7 @@ def test_reexport_replaces_atomically(bare_unet, tmp_path):
     target = tmp_path / "art"
     target.mkdir()
     (target / "stale.txt").write_text("from an older export")
-    m = ex.export_model(str(bare_unet), target, progress=False, threads=1)
+    m = export_model(str(bare_unet), target, progress=False, threads=1)
     assert sorted(p.name for p in target.iterdir()) == ["denoiser.onnx", "manifest.json"]
     assert m.fp16 is None and m.trt is None and (target.stat().st_mode & 0o777) != 0o700
     assert "default DDPM" in m.scheduler_source and load_manifest(target) == m
@@ -247,16 +253,16 @@ def test_reexport_replaces_atomically(bare_unet, tmp_path):
 def test_bad_batch_leaves_out_untouched(bare_unet, existing_out, batches, match):
     before = _snapshot(existing_out)
     with pytest.raises(UserError, match=match):
-        ex.export_model(str(bare_unet), existing_out, batches=batches, progress=False)
+        export_model(str(bare_unet), existing_out, batches=batches, progress=False)
     assert _snapshot(existing_out) == before
 
 
 def test_bad_resolution_leaves_out_untouched(bare_unet, existing_out):
     before = _snapshot(existing_out)
     with pytest.raises(UserError, match="--resolution 17 is not a multiple of 2"):
-        ex.export_model(str(bare_unet), existing_out, resolution=17, progress=False)
+        export_model(str(bare_unet), existing_out, resolution=17, progress=False)
     with pytest.raises(UserError, match="positive integer"):
-        ex.export_model(str(bare_unet), existing_out, resolution=0, progress=False)
+        export_model(str(bare_unet), existing_out, resolution=0, progress=False)
     assert _snapshot(existing_out) == before
     _no_temp_left(existing_out)
 
@@ -264,11 +270,11 @@ def test_bad_resolution_leaves_out_untouched(bare_unet, existing_out):
 def test_resolution_multiple_of_downsampling_factor(tmp_path):
     model = _save(tmp_path / "deep", dict(TINY, block_out_channels=(8, 8, 16),
                                           down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3))
-    loaded = ex.load_model(str(model))
+    loaded = load_model(str(model))
     with pytest.raises(UserError, match="not a multiple of 4"):
-        ex._check_resolution(loaded.unet, 18)
-    assert ex._check_resolution(loaded.unet, 20) == 20
-    assert ex._check_resolution(loaded.unet, None) == 16
+        _check_resolution(loaded.unet, 18)
+    assert _check_resolution(loaded.unet, 20) == 20
+    assert _check_resolution(loaded.unet, None) == 16
 
 
 def test_not_a_diffusers_folder(tmp_path, existing_out):
@@ -277,45 +283,45 @@ def test_not_a_diffusers_folder(tmp_path, existing_out):
     (folder / "weights.pt").write_bytes(b"x")
     before = _snapshot(existing_out)
     with pytest.raises(UserError, match="not a diffusers model folder"):
-        ex.export_model(str(folder), existing_out, progress=False)
+        export_model(str(folder), existing_out, progress=False)
     other = tmp_path / "sched"
     DDPMScheduler().save_pretrained(other)
     (other / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     with pytest.raises(UserError, match="not a UNet2DModel"):
-        ex.export_model(str(other), existing_out, progress=False)
+        export_model(str(other), existing_out, progress=False)
     assert _snapshot(existing_out) == before
 
 
 def test_unknown_path_and_offline_hub_id(existing_out, monkeypatch):
     with pytest.raises(UserError, match="no such folder"):
-        ex.export_model("./no/such/model", existing_out, progress=False)
+        export_model("./no/such/model", existing_out, progress=False)
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="offline"):
-        ex.export_model("nobody-xyz/no-such-model-123", existing_out, progress=False)
+        export_model("nobody-xyz/no-such-model-123", existing_out, progress=False)
 
 
 def test_unwritable_out(bare_unet, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
     with pytest.raises(UserError, match="cannot write --out"):
-        ex.export_model(str(bare_unet), blocker / "sub" / "art", progress=False)
+        export_model(str(bare_unet), blocker / "sub" / "art", progress=False)
     with pytest.raises(UserError, match="exists and is not a folder"):
-        ex.export_model(str(bare_unet), blocker, progress=False)
+        export_model(str(bare_unet), blocker, progress=False)
     with pytest.raises(UserError, match="opset"):
-        ex.export_model(str(bare_unet), tmp_path / "x", opset=13, progress=False)
+        export_model(str(bare_unet), tmp_path / "x", opset=13, progress=False)
 
 
 def test_out_overlapping_model_is_refused(bare_unet):
     with pytest.raises(UserError, match="overlaps the model folder"):
-        ex.export_model(str(bare_unet), bare_unet, progress=False)
+        export_model(str(bare_unet), bare_unet, progress=False)
 
 
 def test_parity_failure_leaves_out_untouched(bare_unet, existing_out):
     before = _snapshot(existing_out)
-    with pytest.raises(ex.ExportError, match="parity failed"):
-        ex.export_model(str(bare_unet), existing_out, parity_tol=-1.0, progress=False, threads=1)
+    with pytest.raises(ExportError, match="parity failed"):
+        export_model(str(bare_unet), existing_out, parity_tol=-1.0, progress=False, threads=1)
     assert _snapshot(existing_out) == before
     _no_temp_left(existing_out)
 
@@ -325,8 +331,8 @@ def test_onnx_export_failure_is_a_one_line_error(tmp_path, monkeypatch):
         raise RuntimeError("Unsupported: ONNX export of operator foo_bar, opset 17\nlong traceback ...")
 
     monkeypatch.setattr(torch.onnx, "export", boom)
-    with pytest.raises(ex.ExportError) as info:
-        ex._export_onnx(torch.nn.Identity(), (torch.zeros(1),), tmp_path / "m.onnx", ["sample"], 17, False)
+    with pytest.raises(ExportError) as info:
+        export_onnx(torch.nn.Identity(), (torch.zeros(1),), tmp_path / "m.onnx", ["sample"], 17, False)
     msg = str(info.value)
     assert "ONNX export failed at opset 17" in msg and "foo_bar" in msg and "\n" not in msg
     assert list(tmp_path.iterdir()) == []
@@ -369,7 +375,7 @@ def test_onnx_flops_conv_transpose_matches_torch(tmp_path):
     x = torch.zeros(1, 3, 8, 8)
     torch.onnx.export(net, (x,), str(tmp_path / "n.onnx"), dynamo=False, input_names=["sample"],
                       dynamic_axes={"sample": {0: "batch"}}, opset_version=17)
-    assert count_flops(tmp_path / "n.onnx")["total"] == ex.torch_flops(net, (x,))
+    assert count_flops(tmp_path / "n.onnx")["total"] == torch_flops(net, (x,))
 
 
 # ----------------------------------------------------------------------------------- TensorRT
@@ -377,7 +383,7 @@ def test_trt_not_installed_is_refused_with_reason(bare_unet, existing_out, monke
     monkeypatch.setitem(sys.modules, "tensorrt", None)   # `import tensorrt` raises ImportError
     before = _snapshot(existing_out)
     with pytest.raises(UserError) as info:
-        ex.export_model(str(bare_unet), existing_out, trt=True, progress=False)
+        export_model(str(bare_unet), existing_out, trt=True, progress=False)
     msg = str(info.value)
     assert msg.startswith("TensorRT is not installed here (import tensorrt failed:")
     assert "--trt needs a machine with TensorRT (JetPack or pip tensorrt)" in msg and "\n" not in msg
@@ -388,10 +394,12 @@ def test_trt_real_build(attn_export, tmp_path):
     trt = pytest.importorskip("tensorrt", reason="tensorrt is not installed here; the plan build runs on a "
                                                  "machine with TensorRT (JetPack or pip tensorrt)")
     model, _, _ = attn_export
-    m = ex.export_model(str(model), tmp_path / "a", batches=(1, 2), trt=True, progress=False)
+    m = export_model(str(model), tmp_path / "a", batches=(1, 2), trt=True, progress=False)
     assert (tmp_path / "a" / "denoiser.plan").is_file() and (tmp_path / "a" / "denoiser.timing.cache").is_file()
     assert m.trt["tensorrt_version"] == trt.__version__
-    check_trt_plan(m)
+    assert m.trt["plan_sha256"] == sha256_file(tmp_path / "a" / "denoiser.plan")
+    assert m.trt["gpu_name"] == trt_device.detect_gpu()["gpu_name"]
+    assert check_trt_plan(m) is m.trt                 # this machine's TensorRT and GPU accept the plan just built
 
 
 class _FakeTrt(types.ModuleType):
@@ -475,19 +483,21 @@ def test_trt_build_wiring_with_a_fake_tensorrt(attn_export, tmp_path, monkeypatc
     _, out, m = attn_export
     fake = _FakeTrt()
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(ex, "detect_gpu", lambda: {"gpu_name": "Orin", "compute_capability": "8.7", "how": "test"})
+    monkeypatch.setattr(trt_device, "detect_gpu",
+                        lambda: {"gpu_name": "Orin", "compute_capability": "8.7", "how": "test"})
     (tmp_path / "old.cache").write_bytes(b"OLD")
-    rec = ex.build_trt_plan(out / "denoiser.onnx", tmp_path / "denoiser.plan", shapes={"sample": (3, 16, 16),
-                            "timestep": ()}, batch_min=1, batch_opt=1, batch_max=4, timing_cache_in=tmp_path / "old.cache",
-                            timing_cache_out=tmp_path / "denoiser.timing.cache")
+    rec = build_trt_plan(out / "denoiser.onnx", tmp_path / "denoiser.plan", shapes={"sample": (3, 16, 16),
+                         "timestep": ()}, batch_min=1, batch_opt=1, batch_max=4, timing_cache_in=tmp_path / "old.cache",
+                         timing_cache_out=tmp_path / "denoiser.timing.cache")
     assert (tmp_path / "denoiser.plan").read_bytes() == b"PLAN"
     assert (tmp_path / "denoiser.timing.cache").read_bytes() == b"cache:OLD"
-    assert ("flag", "FP16") in fake.calls and ("pool", "WORKSPACE", ex.TRT_WORKSPACE_BYTES) in fake.calls
+    assert ("flag", "FP16") in fake.calls and ("pool", "WORKSPACE", TRT_WORKSPACE_BYTES) in fake.calls
     assert ("set_shape", "sample", (1, 3, 16, 16), (1, 3, 16, 16), (4, 3, 16, 16)) in fake.calls
     assert ("set_shape", "timestep", (1,), (1,), (4,)) in fake.calls
     assert ("network", 0) in fake.calls and ("cache_in", b"OLD") in fake.calls
     assert rec["tensorrt_version"] == "10.3.0" and rec["gpu_name"] == "Orin" and rec["precision"].startswith("fp16")
     assert rec["timing_cache_reused"] is True and rec["batch_max"] == 4
+    assert rec["compute_capability"] == "8.7" and rec["gpu_detected_by"] == "test"   # the GPU as detected here
     rec["plan_sha256"] = sha256_file(tmp_path / "denoiser.plan")
     m2 = Manifest.from_dict(dict(m.to_dict(), trt=rec))
     assert check_trt_plan(m2, "10.3.0", "NVIDIA Orin", "8.7") is m2.trt
@@ -502,11 +512,23 @@ def test_trt_11_without_fp16_flag_builds_from_the_fp16_onnx(attn_export, tmp_pat
     fake = _FakeTrt("11.1.0")
     fake.BuilderFlag = types.SimpleNamespace()       # weak typing flags removed in TensorRT 11
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(ex, "detect_gpu", lambda: {"gpu_name": "Thor", "compute_capability": None, "how": "test"})
-    rec = ex.build_trt_plan(out / "denoiser.onnx", tmp_path / "denoiser.plan", shapes={"sample": (3, 16, 16)},
-                            batch_min=1, batch_opt=1, batch_max=1, fp16_onnx=out / "denoiser.fp16.onnx")
+    monkeypatch.setattr(trt_device, "detect_gpu",
+                        lambda: {"gpu_name": "Thor", "compute_capability": None, "how": "test"})
+    rec = build_trt_plan(out / "denoiser.onnx", tmp_path / "denoiser.plan", shapes={"sample": (3, 16, 16)},
+                         batch_min=1, batch_opt=1, batch_max=1, fp16_onnx=out / "denoiser.fp16.onnx")
     assert ("parse", "denoiser.fp16.onnx") in fake.calls and rec["built_from"] == "denoiser.fp16.onnx"
     assert not any(c[0] == "flag" for c in fake.calls) and rec["timing_cache"] is None
+
+
+def test_trt_plan_without_a_known_gpu_is_refused(attn_export, tmp_path, monkeypatch):
+    """A plan must record its GPU: a build on a machine whose GPU cannot be told is refused."""
+    _, out, _ = attn_export
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTrt())
+    monkeypatch.setattr(trt_device, "detect_gpu",
+                        lambda: {"gpu_name": None, "compute_capability": None, "how": "none"})
+    with pytest.raises(ExportError, match="cannot tell which GPU this is"):
+        build_trt_plan(out / "denoiser.onnx", tmp_path / "denoiser.plan", shapes={"sample": (3, 16, 16)},
+                       batch_min=1, batch_opt=1, batch_max=1)
 
 
 # ---------------------------------------------------------------------- the committed demo artifact
@@ -518,7 +540,7 @@ def test_committed_demo_artifact_matches_shipped_weights():
     m = load_manifest(DEMO_ARTIFACT_DIR)
     unet_dir = DEMO_MODEL_DIR / "unet"
     assert m.source == "demo"
-    assert m.source_hash == ex.weights_hash(unet_dir, m.source_weights), \
+    assert m.source_hash == weights_hash(unet_dir, m.source_weights), \
         "export/demo was exported from other weights than export/demo-model: run `make export`"
     unet = UNet2DModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False).eval()
     x = np.random.default_rng(0).standard_normal((1, m.channels, m.resolution, m.resolution)).astype(np.float32)

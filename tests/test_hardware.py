@@ -147,6 +147,51 @@ def test_gpu_from_nvml_stand_in(monkeypatch):
     assert calls == ["init", "shutdown"]
 
 
+def test_gpu_compute_capability_and_detect_gpu_from_nvidia_smi(tmp_path, monkeypatch):
+    from abcd_edge.device.tensorrt import detect_gpu
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\ncase \"$1\" in\n  *compute_cap*) echo '9.0' ;;\n"
+                   "  *) echo 'NVIDIA H100 80GB HBM3, 550.54.15' ;;\nesac\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert hardware.gpu_compute_capability() == "9.0"
+    assert detect_gpu() == {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "how": "nvidia-smi"}
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")   # a broken driver: nothing found
+    assert hardware.gpu_info() is None and hardware.gpu_compute_capability() is None
+
+
+def test_detect_gpu_from_nvml_stand_in(monkeypatch):
+    from abcd_edge.device.tensorrt import detect_gpu
+
+    mod = types.ModuleType("pynvml")
+    calls = []
+    mod.nvmlInit = lambda: calls.append("init")
+    mod.nvmlShutdown = lambda: calls.append("shutdown")
+    mod.nvmlDeviceGetCount = lambda: 2
+    mod.nvmlDeviceGetHandleByIndex = lambda i: i
+    mod.nvmlDeviceGetName = lambda h: ["NVIDIA A10G", "NVIDIA T4"][h]
+    mod.nvmlSystemGetDriverVersion = lambda: b"535.104.05"
+    mod.nvmlDeviceGetCudaComputeCapability = lambda h: [(8, 6), (7, 5)][h]
+    monkeypatch.setitem(sys.modules, "pynvml", mod)
+    assert detect_gpu() == {"gpu_name": "NVIDIA A10G", "compute_capability": "8.6", "how": "nvml"}
+    assert calls == ["init", "shutdown"] * 2     # gpu_info, then the compute capability; each shuts NVML down
+
+
+def test_detect_gpu_on_a_jetson_falls_back_to_the_device_tree(tmp_path, monkeypatch):
+    """No NVML, no nvidia-smi (JetPack 5): the board model names the GPU; elsewhere nothing does."""
+    from abcd_edge.device.tensorrt import detect_gpu
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert detect_gpu() == {"gpu_name": None, "compute_capability": None, "how": "none"}
+    dt = tmp_path / "model"
+    dt.write_bytes(b"NVIDIA Jetson AGX Orin Developer Kit\x00")
+    monkeypatch.setattr(hardware, "DT_MODEL", str(dt))
+    assert hardware.device_tree_model() == "NVIDIA Jetson AGX Orin Developer Kit"
+    assert detect_gpu() == {"gpu_name": "NVIDIA Jetson AGX Orin Developer Kit", "compute_capability": None,
+                            "how": "device-tree"}
+
+
 def test_jetson_power_mode_from_jtop_enters_the_id(monkeypatch, tmp_path):
     mod = types.ModuleType("jtop")
 

@@ -5,13 +5,15 @@ import hashlib
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
+from abcd_edge.device import tensorrt as trt_device
+from abcd_edge.device.tensorrt import check_trt_plan, load_trt_plan_meta
 from abcd_edge.errors import UserError
-from abcd_edge.formats.manifest import (SCHEMA_VERSION, Manifest, check_trt_plan, load_manifest, load_trt_plan_meta,
-                                manifest_hash, sha256_file)
+from abcd_edge.formats.manifest import SCHEMA_VERSION, Manifest, load_manifest, manifest_hash, sha256_file
 
 
 def _sha(data: bytes) -> str:
@@ -168,6 +170,23 @@ def test_check_trt_plan_detects_missing_tensorrt(monkeypatch):
         check_trt_plan(m)
 
 
+def test_check_trt_plan_asks_this_machine_when_not_told(monkeypatch):
+    """TensorRT version from ``import tensorrt``, GPU and compute capability from detect_gpu."""
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    m = Manifest.from_dict(sample_dict(trt=TRT))
+    monkeypatch.setattr(trt_device, "detect_gpu",
+                        lambda: {"gpu_name": "NVIDIA Orin (nvgpu)", "compute_capability": "8.7", "how": "nvml"})
+    assert check_trt_plan(m) is m.trt
+    monkeypatch.setattr(trt_device, "detect_gpu",
+                        lambda: {"gpu_name": "Orin (nvgpu)", "compute_capability": "7.2", "how": "nvml"})
+    with pytest.raises(UserError, match="built for compute capability 8.7 but this GPU has 7.2"):
+        check_trt_plan(m)
+    monkeypatch.setattr(trt_device, "detect_gpu",
+                        lambda: {"gpu_name": None, "compute_capability": None, "how": "none"})
+    with pytest.raises(UserError, match="cannot tell which GPU this is .* built for 'Orin \\(nvgpu\\)'"):
+        check_trt_plan(m)
+
+
 def test_load_trt_plan_meta(tmp_path):
     write_artifact(tmp_path / "a", trt=TRT)
     with pytest.raises(UserError, match="listed in the manifest but missing"):
@@ -185,8 +204,11 @@ def test_load_trt_plan_meta(tmp_path):
 
 
 def test_manifest_module_is_torch_free():
-    code = ("import sys, abcd_edge.formats.manifest, abcd_edge.export.pipeline; "
-            "bad = [m for m in ('torch', 'onnx', 'diffusers', 'onnxruntime') if m in sys.modules]; "
+    """The manifest reader, the TensorRT plan checks and every exporter module import without torch & co."""
+    code = ("import sys, abcd_edge.formats.manifest, abcd_edge.device.tensorrt, abcd_edge.export, "
+            "abcd_edge.export.model, abcd_edge.export.onnx_export, abcd_edge.export.flops, "
+            "abcd_edge.export.tensorrt, abcd_edge.export.pipeline, abcd_edge.export.compare; "
+            "bad = [m for m in ('torch', 'onnx', 'diffusers', 'onnxruntime', 'tensorrt') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parent.parent)

@@ -23,39 +23,6 @@ def runtime(tiny_artifact, fixed_profile):
     rt.close()
 
 
-class StepClock:
-    """A fake clock: every denoiser call costs ``step_ms``; nothing else costs anything."""
-
-    simulated = True
-
-    def __init__(self, step_ms):
-        self.step_ms = step_ms
-        self.now = 0.0
-        self.k = 0
-
-    def start(self):
-        self.now, self.k = 0.0, 0
-
-    def elapsed_ms(self):
-        return self.now
-
-    def run_step(self, call, abandon, guard_ms):
-        cost = self.step_ms(self.k) if callable(self.step_ms) else self.step_ms
-        self.k += 1
-        out = call()
-        if guard_ms is not None and self.now + cost > guard_ms:
-            self.now = guard_ms
-            return None, cost
-        self.now += cost
-        return out, cost
-
-    def disarm(self):
-        pass
-
-    def close(self):
-        pass
-
-
 def test_generate_real_clock_meets_generous_budget(tiny_artifact, tiny_profile):
     rt = AnytimeRuntime.open(tiny_artifact, profile=tiny_profile, controller=None, threads=1, power="none")
     images, rep = rt.generate(parse_budget("5s"), sampler="ddim", seed=3)
@@ -68,9 +35,9 @@ def test_generate_real_clock_meets_generous_budget(tiny_artifact, tiny_profile):
     assert rep.power_meter == "none" and rep.energy_mj is None
 
 
-def test_same_seed_same_image_on_a_fixed_clock(tiny_artifact, fixed_profile):
+def test_same_seed_same_image_on_a_fixed_clock(tiny_artifact, fixed_profile, step_clock):
     rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none",
-                        clock=StepClock(1.0))
+                        clock=step_clock(1.0))
     results = []
     for seed in (3, 3, 4):
         rt.online.correction = 1.0     # the cross-request correction would otherwise change the plan
@@ -80,10 +47,10 @@ def test_same_seed_same_image_on_a_fixed_clock(tiny_artifact, fixed_profile):
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m", "euler", "consistency"])
-def test_every_sampler_runs(tiny_artifact, fixed_profile, sampler):
+def test_every_sampler_runs(tiny_artifact, fixed_profile, sampler, step_clock):
     """Each sampler runs its whole plan on a fixed clock and returns a real image from its last x0."""
     rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none",
-                             clock=StepClock(1.0))
+                             clock=step_clock(1.0))
     images, rep = rt.generate(parse_budget("30ms"), sampler=sampler, seed=1)
     other, _ = rt.generate(parse_budget("30ms"), sampler=sampler, seed=2)
     rt.close()
@@ -97,9 +64,9 @@ def test_batch_two(runtime):
     assert images.shape[0] == 2 and rep.batch == 2
 
 
-def test_budget_rule_on_fake_clock(tiny_artifact, fixed_profile):
+def test_budget_rule_on_fake_clock(tiny_artifact, fixed_profile, step_clock):
     """With 10 ms steps on a simulated clock, the loop stops before a step that would overrun."""
-    clock = StepClock(10.0)
+    clock = step_clock(10.0)
     rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none", clock=clock)
     cm = rt.cost_model(1, "ddim")
     _, rep = rt.generate(parse_budget("100ms"), seed=0)
@@ -197,17 +164,27 @@ def test_report_schema(runtime):
 
 
 def test_runtime_imports_no_torch():
-    code = ("import sys, abcd_edge.runtime.session, abcd_edge.runtime.serve, abcd_edge.cli.main, abcd_edge.device.backends, abcd_edge.formats.controller, "
-            "abcd_edge.device.telemetry, abcd_edge.formats.profile, abcd_edge.device.clock, abcd_edge.quality; "
-            "bad = [m for m in ('torch', 'diffusers', 'onnx') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    """Every module of the runtime path (core, formats, device, runtime, profiling, quality, the CLI) imports
+    without torch, diffusers, onnx or transformers, and without the demo (a leaf the library never imports)."""
+    code = ("import importlib, pkgutil, sys\n"
+            "import abcd_edge\n"
+            "mods = ['abcd_edge.quality', 'abcd_edge.cli.main']\n"
+            "for pkg in ('core', 'formats', 'device', 'runtime', 'profiling'):\n"
+            "    p = importlib.import_module('abcd_edge.' + pkg)\n"
+            "    mods += [m.name for m in pkgutil.iter_modules(p.__path__, p.__name__ + '.')]\n"
+            "for m in mods:\n"
+            "    importlib.import_module(m)\n"
+            "bad = [m for m in ('torch', 'diffusers', 'onnx', 'transformers', 'abcd_edge.demo') if m in sys.modules]\n"
+            "print(len(mods), bad)\n"
+            "sys.exit(1 if bad or len(mods) < 20 else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_refusal_is_not_sticky(tiny_artifact, fixed_profile):
+def test_refusal_is_not_sticky(tiny_artifact, fixed_profile, step_clock):
     """A high running correction must not make every later request refused or stepless."""
     rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none",
-                        clock=StepClock(1.0))
+                        clock=step_clock(1.0))
     base = rt.minimum_ms()
     rt.online.correction = 50.0               # as after a burst of very slow steps
     assert rt.minimum_ms() == pytest.approx(base)          # the minimum is the profile's, not the burst's
@@ -227,12 +204,12 @@ def test_gpu_backend_silently_on_cpu_is_refused(tiny_artifact, monkeypatch):
         backends.OrtDenoiser(tiny_artifact / "denoiser.onnx", backend="ort-cuda", threads=1)
 
 
-def test_tail_widens_when_steps_vary_more_than_profiled(tiny_artifact, fixed_profile):
+def test_tail_widens_when_steps_vary_more_than_profiled(tiny_artifact, fixed_profile, step_clock):
     """Steps alternating 1 ms / 4 ms (profile: 1.0-1.2 ms): after TAIL_MIN_STEPS the hard rule's step tail
     follows the observed 99th percentile, not the profile's p99 scaled by the (mean) correction."""
     from abcd_edge.runtime.cost import TAIL_MIN_STEPS
 
-    clock = StepClock(lambda k: 4.0 if k % 2 else 1.0)
+    clock = step_clock(lambda k: 4.0 if k % 2 else 1.0)
     rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none", clock=clock)
     try:
         p50 = rt.profile.for_batch(1).step.p50_ms

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from abcd_edge import __version__, paths
+from abcd_edge.cli.options import artifact_option, device_options, int_list, threads_option
 from abcd_edge.errors import UserError
 
 
@@ -22,16 +23,6 @@ class _Group(click.Group):
         except UserError as exc:
             click.echo(f"abcd-edge: error: {exc}", err=True)
             ctx.exit(2)
-
-
-def _int_list(value: str, flag: str) -> tuple[int, ...]:
-    try:
-        items = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise UserError(f"{flag} {value!r} is not a comma-separated list of integers (e.g. 1,4)") from None
-    if not items or any(v < 1 for v in items):
-        raise UserError(f"{flag} {value!r}: every value must be an integer >= 1")
-    return items
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,25 +55,22 @@ def info(as_json: bool) -> None:
 @click.option("--quality", "rho", default=1.0, show_default=True, type=float,
               help="rho in [0,1]: 0 fastest, 1 best; the exit policy stops once quality is enough for rho.")
 @click.option("--sampler", default="ddim", show_default=True, help="ddim, dpmpp-2m, euler or consistency.")
-@click.option("--schedule", default="auto", show_default=True,
-              help="auto (controller when calibrated, else uniform), controller, uniform, karras, logsnr.")
+@click.option("--placement", "--schedule", "placement", default="auto", show_default=True,
+              help="Where the steps go: auto (controller when calibrated, else uniform), controller, uniform, "
+                   "karras, logsnr.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--batch", default=1, show_default=True, type=int, help="Images per request.")
-@click.option("--artifact", default=str(paths.DEMO_ARTIFACT_DIR), show_default=True, type=click.Path(),
-              help="Exported artifact folder (denoiser.onnx + manifest.json).")
+@device_options
 @click.option("--profile", default=None, type=click.Path(),
               help="Device profile JSON; default: the committed one for this device, else a quick measurement.")
 @click.option("--controller", default="auto", show_default=True,
               help="Calibrated controller folder, 'auto' (calibration/<artifact name>/) or 'none'.")
-@click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu, ort-cuda, ort-trt or trt.")
-@click.option("--threads", default=2, show_default=True, type=int, help="Intra-op threads (ORT).")
-@click.option("--power", default="auto", show_default=True, help="Power meter: auto, jtop, nvml, rapl, none.")
 @click.option("--best-effort", is_flag=True, help="Below the minimum achievable budget, answer anyway (late).")
 @click.option("--requests", default=1, show_default=True, type=int,
               help="Serve N requests on one warm session (seeds seed..seed+N-1) and report a summary.")
 @click.option("--out", default="out/run.png", show_default=True, type=click.Path(), help="Output PNG.")
 @click.option("--report", default="out/run.json", show_default=True, type=click.Path(), help="Output JSON report.")
-def run(budget, rho, sampler, schedule, seed, batch, artifact, profile, controller, backend, threads, power,
+def run(budget, rho, sampler, placement, seed, batch, artifact, profile, controller, backend, threads, power,
         best_effort, requests, out, report) -> None:
     """Generate the best image the device can make before the budget runs out."""
     from abcd_edge.core.budget import parse_budget
@@ -95,9 +83,7 @@ def run(budget, rho, sampler, schedule, seed, batch, artifact, profile, controll
         raise UserError(f"--batch {batch} must be >= 1")
     if requests < 1:
         raise UserError(f"--requests {requests} must be >= 1")
-    if threads < 1:
-        raise UserError(f"--threads {threads} must be >= 1")
-    line = serve(budget=b, rho=rho, sampler=sampler, schedule=schedule, seed=seed, batch=batch,
+    line = serve(budget=b, rho=rho, sampler=sampler, placement=placement, seed=seed, batch=batch,
                  artifact=artifact, profile=profile, controller=None if controller == "none" else controller,
                  backend=backend, threads=threads, power=power, best_effort=best_effort, requests=requests,
                  out=Path(out), report=Path(report))
@@ -117,41 +103,36 @@ def run(budget, rho, sampler, schedule, seed, batch, artifact, profile, controll
 @click.option("--bench", is_flag=True, help="Also print ORT vs torch step latency for the demo and a CIFAR-10-sized UNet.")
 def export(model, controller_dir, out, resolution, batch, fp16, trt, opset, bench) -> None:
     """Export a frozen denoiser (and/or a calibrated controller) to deployable artifacts."""
-    from abcd_edge.export import pipeline as exporter
+    from abcd_edge.export import export_bench, export_model, format_bench
 
     if model is None and controller_dir is None:
         raise UserError("export needs --model (demo, a diffusers folder or a hub id) and/or --controller DIR")
     if model is not None:
-        batches = _int_list(batch, "--batch")
-        manifest = exporter.export_model(model, Path(out), resolution=resolution, batches=batches, fp16=fp16,
-                                         trt=trt, opset=opset)
+        batches = int_list(batch, "--batch")
+        manifest = export_model(model, Path(out), resolution=resolution, batches=batches, fp16=fp16, trt=trt,
+                                opset=opset)
         click.echo(f"exported {manifest.name} -> {out}: {manifest.flops_per_step / 1e9:.3f} GFLOP/step, "
                    f"parity max abs {manifest.parity['max_abs']:.2e}")
     if controller_dir is not None:
-        from abcd_edge.calibrate.legacy import export_controller_onnx
+        from abcd_edge.calibrate import export_controller_onnx
 
         path, err = export_controller_onnx(Path(controller_dir), Path(out))
         click.echo(f"controller -> {path} (parity max abs {err:.2e})")
     if bench:
-        click.echo(exporter.format_bench(exporter.export_bench()))
+        click.echo(format_bench(export_bench()))
 
 
 @main.command()
-@click.option("--artifact", default=str(paths.DEMO_ARTIFACT_DIR), show_default=True, type=click.Path())
-@click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu, ort-cuda, ort-trt or trt.")
-@click.option("--threads", default=2, show_default=True, type=int)
+@device_options
 @click.option("--batch", default="1", show_default=True, help="Batch sizes, e.g. 1,4.")
 @click.option("--runs", default=300, show_default=True, type=int, help="Timed steps per batch (>= 200 for tails).")
-@click.option("--power", default="auto", show_default=True, help="auto, jtop, nvml, rapl or none.")
 @click.option("--out", default=None, type=click.Path(), help="Default: profiles/<device id>.json")
-def profile(artifact, backend, threads, batch, runs, power, out) -> None:
+def profile(artifact, backend, threads, power, batch, runs, out) -> None:
     """Measure this device for an artifact and write a device profile (JSON)."""
     from abcd_edge.profiling.measure import measure_profile
 
-    if threads < 1:
-        raise UserError(f"--threads {threads} must be >= 1")
     command = "abcd-edge profile " + " ".join(sys.argv[2:])
-    prof = measure_profile(Path(artifact), backend=backend, threads=threads, batches=_int_list(batch, "--batch"),
+    prof = measure_profile(Path(artifact), backend=backend, threads=threads, batches=int_list(batch, "--batch"),
                            runs=runs, power=power, command=command)
     target = Path(out) if out else paths.PROFILES_DIR / f"{prof.device_id}.json"
     prof.save(target)
@@ -166,19 +147,19 @@ def profile(artifact, backend, threads, batch, runs, power, out) -> None:
 
 
 @main.command()
-@click.option("--artifact", default=str(paths.DEMO_ARTIFACT_DIR), show_default=True, type=click.Path())
+@artifact_option
 @click.option("--profile", "profiles", multiple=True, type=click.Path(),
               help="Device profile(s) of this artifact (repeat). Default: the committed profiles for it.")
 @click.option("--samplers", default="ddim,dpmpp-2m,euler", show_default=True)
 @click.option("--out", default=None, type=click.Path(), help="Default: calibration/<artifact name>")
 @click.option("--iters", default=None, type=int, help="Weight-generator iterations (default 300).")
-@click.option("--threads", default=2, show_default=True, type=int)
+@threads_option
 @click.option("--seed", default=0, show_default=True, type=int)
 def calibrate(artifact, profiles, samplers, out, iters, threads, seed) -> None:
     """Train the ABCD controller (schedule, exit policy, cost predictor) for an artifact."""
     import dataclasses
 
-    from abcd_edge.calibrate.legacy import CalibrationConfig, calibrate as run_calibration
+    from abcd_edge.calibrate import CalibrationConfig, calibrate as run_calibration
     from abcd_edge.formats.manifest import load_manifest, manifest_hash
 
     manifest = load_manifest(Path(artifact))
@@ -204,10 +185,10 @@ def calibrate(artifact, profiles, samplers, out, iters, threads, seed) -> None:
 
 
 def _add_bench() -> None:
-    """`abcd-edge bench` lives with its library (abcd_edge/bench.py); registered here."""
-    from abcd_edge.bench.legacy import bench_command
+    """`abcd-edge bench`, `bench-runtime` and `bench-schedules` (abcd_edge/cli/bench.py); registered here."""
+    from abcd_edge.cli.bench import register
 
-    main.add_command(bench_command, "bench")
+    register(main)
 
 
 _add_bench()

@@ -4,7 +4,7 @@
 from another thread (``abandon()``): ONNX Runtime checks ``RunOptions.terminate``
 between kernels; a TensorRT call is simply not waited for. An abandoned call
 raises :class:`Abandoned` in the caller. Nothing here imports torch: calibration
-drives the diffusers UNet in torch directly (``calibrate.load_torch_unet``).
+drives the diffusers UNet in torch directly (``abcd_edge.calibrate.state.load_torch_unet``).
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ class TrtDenoiser:
 
     Lazy imports: ``tensorrt`` and ``cuda`` (cuda-python's runtime bindings). The
     plan's recorded TensorRT version and GPU must match this machine (checked by
-    the exporter's ``check_trt_plan`` before deserialising). Abandoning a call means
+    :func:`abcd_edge.device.tensorrt.check_trt_plan` before deserialising). Abandoning a call means
     no longer waiting on the stream: the caller returns at once and the work
     finishes in the background before the next call reuses the buffers.
     """
@@ -212,7 +212,8 @@ class TrtDenoiser:
 def open_denoiser(artifact_dir: str | Path, backend: str = "ort-cpu", threads: int | None = None,
                   precision: str = "fp32") -> Denoiser:
     """The runtime's entry point: the artifact's ONNX (or plan) on the chosen backend."""
-    from abcd_edge.formats.manifest import check_trt_plan, load_manifest, load_trt_plan_meta
+    from abcd_edge.device.tensorrt import check_trt_plan, load_trt_plan_meta
+    from abcd_edge.formats.manifest import load_manifest
 
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir)

@@ -29,6 +29,11 @@ def _read(path: str | Path) -> str | None:
         return None
 
 
+def device_tree_model(path: str | None = None) -> str:
+    """The device-tree board model (``/proc/device-tree/model``: a Jetson's name), NULs dropped; "" where none."""
+    return (_read(path or DT_MODEL) or "").replace("\x00", "").strip()
+
+
 # -- CPU / memory ----------------------------------------------------------------
 def cpu_model(cpuinfo_path: str | None = None, dt_model_path: str | None = None) -> str:
     """CPU model: /proc/cpuinfo "model name"; on ARM (no such line) the cpuinfo
@@ -45,7 +50,7 @@ def cpu_model(cpuinfo_path: str | None = None, dt_model_path: str | None = None)
         value = fields.get(key, "")
         if value and not value.isdigit():  # ARM "processor : 0" is an index
             return value
-    dt = (_read(dt_model_path or DT_MODEL) or "").replace("\x00", "").strip()
+    dt = device_tree_model(dt_model_path)
     if dt:
         return dt
     return platform.processor() or platform.machine() or "unknown"
@@ -93,42 +98,70 @@ def _tensorrt() -> dict:
 
 
 # -- GPU -----------------------------------------------------------------------
-def gpu_info() -> dict | None:
-    """First NVIDIA GPU and driver: NVML if importable, else nvidia-smi; None if neither finds one."""
+def _nvml(read):
+    """``read(pynvml)`` between nvmlInit and nvmlShutdown; None when NVML is not importable or fails."""
     try:
         import pynvml
     except Exception:
-        pynvml = None
-    if pynvml is not None:
+        return None
+    try:
+        pynvml.nvmlInit()
         try:
-            pynvml.nvmlInit()
-            try:
-                count = int(pynvml.nvmlDeviceGetCount())
-                names = []
-                for i in range(count):
-                    name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
-                    names.append(name.decode() if isinstance(name, bytes) else str(name))
-                driver = pynvml.nvmlSystemGetDriverVersion()
-                driver = driver.decode() if isinstance(driver, bytes) else str(driver)
-            finally:
-                pynvml.nvmlShutdown()
-            if names:
-                return {"name": names[0], "names": names, "count": len(names), "driver": driver, "source": "nvml"}
-        except Exception:
-            pass
+            return read(pynvml)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
+def _nvidia_smi(query: str) -> list[list[str]] | None:
+    """Rows of ``nvidia-smi --query-gpu=<query> --format=csv,noheader`` split into stripped cells;
+    None when nvidia-smi is not on PATH, cannot run or fails."""
     smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            out = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=CMD_TIMEOUT_S)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        rows = [[c.strip() for c in line.split(",")] for line in out.stdout.splitlines() if line.strip()]
-        rows = [r for r in rows if len(r) >= 2 and r[0]]
-        if out.returncode == 0 and rows:
-            names = [r[0] for r in rows]
-            return {"name": names[0], "names": names, "count": len(names), "driver": rows[0][1], "source": "nvidia-smi"}
+    if not smi:
+        return None
+    try:
+        out = subprocess.run([smi, f"--query-gpu={query}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=CMD_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return [[c.strip() for c in line.split(",")] for line in out.stdout.splitlines() if line.strip()]
+
+
+def gpu_info() -> dict | None:
+    """First NVIDIA GPU and driver: NVML if importable, else nvidia-smi; None if neither finds one."""
+    def read(nv):
+        names = []
+        for i in range(int(nv.nvmlDeviceGetCount())):
+            name = nv.nvmlDeviceGetName(nv.nvmlDeviceGetHandleByIndex(i))
+            names.append(name.decode() if isinstance(name, bytes) else str(name))
+        driver = nv.nvmlSystemGetDriverVersion()
+        return names, driver.decode() if isinstance(driver, bytes) else str(driver)
+
+    found = _nvml(read)
+    if found is not None and found[0]:
+        names, driver = found
+        return {"name": names[0], "names": names, "count": len(names), "driver": driver, "source": "nvml"}
+    rows = [r for r in _nvidia_smi("name,driver_version") or [] if len(r) >= 2 and r[0]]
+    if rows:
+        names = [r[0] for r in rows]
+        return {"name": names[0], "names": names, "count": len(names), "driver": rows[0][1], "source": "nvidia-smi"}
     return None
+
+
+def gpu_compute_capability() -> str | None:
+    """Compute capability of GPU 0 ("8.7"): NVML, else nvidia-smi's compute_cap; None when neither tells."""
+    def read(nv):
+        major, minor = nv.nvmlDeviceGetCudaComputeCapability(nv.nvmlDeviceGetHandleByIndex(0))
+        return f"{major}.{minor}"
+
+    cc = _nvml(read)
+    if cc:
+        return cc
+    rows = _nvidia_smi("compute_cap")
+    return rows[0][0] if rows and rows[0] and rows[0][0] else None
 
 
 # -- Jetson --------------------------------------------------------------------
@@ -155,7 +188,7 @@ def _nvpmodel_query() -> str | None:
 
 def jetson_info(use_jtop: bool = True, dt_model_path: str | None = None, release_path: str | None = None) -> dict | None:
     """Jetson board facts, from jtop where it runs, else device tree / nv_tegra_release / nvpmodel. None off-Jetson."""
-    dt = (_read(dt_model_path or DT_MODEL) or "").replace("\x00", "").strip()
+    dt = device_tree_model(dt_model_path)
     l4t = _l4t_release(release_path)
     board = None
     if use_jtop:

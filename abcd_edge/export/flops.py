@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 COUNTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -144,8 +143,3 @@ def count_flops(model, batch: int = 1) -> dict:
     total = sum(by_op[op] for op in COUNTED_OPS)
     return {"total": int(total), "by_op": {k: int(v) for k, v in by_op.items()}, "nodes": len(counted),
             "shape_inference": method, "batch": batch}
-
-
-def count_flops_file(path: str | Path, batch: int = 1) -> int:
-    """Total FLOPs of the ONNX file at ``path`` (see :func:`count_flops`)."""
-    return count_flops(path, batch)["total"]

@@ -10,7 +10,7 @@ Three small MLPs (about 17k parameters together):
   finishing, f = profile statistics of this backend/batch + the running correction.
 
 The runtime uses the numpy twin (:class:`Controller`, no torch); calibration
-trains the torch module from :func:`torch_controller` and saves both weights
+trains the torch twin (``abcd_edge.calibrate.torch_model.torch_controller``) and saves both weights
 (safetensors) and ``controller.onnx``. The two agree to 1e-5.
 """
 from __future__ import annotations
@@ -200,63 +200,3 @@ class Controller:
         if missing:
             raise UserError(f"{str(weights_path)!r} lacks tensor {missing[0]!r}")
         return cls(spec, weights, meta)
-
-
-def torch_controller(spec: ControllerSpec):
-    """The trainable torch twin (imports torch; calibration only)."""
-    import torch
-    from torch import nn
-
-    class NormMLP(nn.Module):
-        def __init__(self, part: str, din: int, dout: int):
-            super().__init__()
-            h = spec.hidden
-            self.layers = nn.ModuleList([nn.Linear(din, h), nn.Linear(h, h), nn.Linear(h, dout)])
-            shift, scale = INPUT_NORM[part]
-            self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32), persistent=False)
-            self.register_buffer("inv_scale", 1.0 / torch.tensor(scale, dtype=torch.float32), persistent=False)
-
-        def forward(self, x):
-            x = (x - self.shift) * self.inv_scale
-            for k, layer in enumerate(self.layers):
-                x = layer(x)
-                if k < len(self.layers) - 1:
-                    x = nn.functional.silu(x)
-            return x
-
-    class TorchController(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.spec = spec
-            self.wg = NormMLP("wg", CONTEXT_DIM + DESCRIPTOR_DIM, spec.k_bins)
-            self.policy = NormMLP("policy", POLICY_DIM, 1)
-            self.cost = NormMLP("cost", COST_DIM, 2)
-
-        def normalised_density(self, cz: torch.Tensor) -> torch.Tensor:
-            """softplus importance density over the K log-sigma bins (+ a floor so every bin has mass)."""
-            return nn.functional.softplus(self.wg(cz)) + 1e-4
-
-        def policy_logit(self, h: torch.Tensor) -> torch.Tensor:
-            return self.policy(h)
-
-        def cost_log(self, f: torch.Tensor) -> torch.Tensor:
-            return self.cost(f)
-
-        def forward(self, cz: torch.Tensor, h: torch.Tensor, f: torch.Tensor):
-            """(density [N,K], stop logit [N,1], log tail costs [N,2]) — the ONNX graph."""
-            return self.normalised_density(cz), self.policy(h), self.cost(f)
-
-        def numpy_weights(self) -> dict[str, np.ndarray]:
-            """``{part}.{k}.weight|bias`` float32 arrays, the layout Controller and safetensors use."""
-            out = {}
-            for name, tensor in self.state_dict().items():
-                part, _, idx, kind = name.split(".")
-                out[f"{part}.{idx}.{kind}"] = tensor.detach().cpu().numpy().astype(np.float32)
-            return out
-
-        def load_numpy_weights(self, weights: dict[str, np.ndarray]) -> None:
-            state = {f"{n.split('.')[0]}.layers.{n.split('.')[1]}.{n.split('.')[2]}": torch.from_numpy(np.array(v))
-                     for n, v in weights.items()}
-            self.load_state_dict(state)
-
-    return TorchController()

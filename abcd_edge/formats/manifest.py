@@ -1,8 +1,9 @@
 """The artifact manifest (``manifest.json``): what was exported, from what, and how well it matches.
 
 Torch-free (stdlib + numpy): the runtime loads it on a Jetson. The exporter
-(``abcd_edge.export.pipeline``) writes it; everything downstream (profiles, calibrated
-controllers) is tied to one artifact by :func:`manifest_hash`.
+(:mod:`abcd_edge.export`) writes it; everything downstream (profiles, calibrated
+controllers) is tied to one artifact by :func:`manifest_hash`. Whether a TensorRT plan
+may load on this machine is :mod:`abcd_edge.device.tensorrt`'s question.
 
 Conventions recorded in every manifest:
 
@@ -23,8 +24,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -253,114 +252,3 @@ def load_manifest(artifact_dir: str | os.PathLike, verify_hashes: bool = True) -
                 raise UserError(f"{plan} does not match its sha256 in {MANIFEST_NAME} (rebuilt elsewhere or "
                                 "corrupt); re-export with --trt")
     return m
-
-
-# --------------------------------------------------------------------------- TensorRT plans
-def _norm_gpu(name: str) -> str:
-    return " ".join(str(name).replace("NVIDIA ", "").split()).casefold()
-
-
-def detect_gpu() -> dict:
-    """{"gpu_name", "compute_capability", "how"} of GPU 0, best effort, torch-free; name None when unknown.
-
-    Tries NVML (pynvml / nvidia-ml-py), then ``nvidia-smi``, then the Jetson device-tree model.
-    """
-    try:
-        import pynvml  # type: ignore
-
-        pynvml.nvmlInit()
-        try:
-            h = pynvml.nvmlDeviceGetHandleByIndex(0)
-            name = pynvml.nvmlDeviceGetName(h)
-            name = name.decode() if isinstance(name, bytes) else name
-            cc = None
-            try:
-                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-                cc = f"{major}.{minor}"
-            except Exception:
-                pass
-            return {"gpu_name": name, "compute_capability": cc, "how": "nvml"}
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        pass
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        for query in ("name,compute_cap", "name"):
-            try:
-                out = subprocess.run([smi, f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
-                                     text=True, timeout=10)
-            except Exception:
-                break
-            if out.returncode == 0 and out.stdout.strip():
-                parts = [p.strip() for p in out.stdout.strip().splitlines()[0].split(",")]
-                return {"gpu_name": parts[0], "compute_capability": parts[1] if len(parts) > 1 else None,
-                        "how": "nvidia-smi"}
-    model = Path("/proc/device-tree/model")
-    if model.is_file():
-        try:
-            name = model.read_bytes().rstrip(b"\x00").decode(errors="replace").strip()
-            if name:
-                return {"gpu_name": name, "compute_capability": None, "how": "device-tree"}
-        except OSError:
-            pass
-    return {"gpu_name": None, "compute_capability": None, "how": "none"}
-
-
-def load_trt_plan_meta(artifact_dir: str | os.PathLike, manifest: Manifest | None = None) -> dict:
-    """The manifest's ``trt`` record with ``plan_path`` added; refuses an artifact without a usable plan."""
-    artifact_dir = Path(artifact_dir)
-    m = manifest if manifest is not None else load_manifest(artifact_dir, verify_hashes=False)
-    if m.trt is None:
-        raise UserError(f"artifact {str(artifact_dir)!r} has no TensorRT plan; build one on the target device "
-                        f"with `abcd-edge export --trt --out {artifact_dir}`")
-    plan = artifact_dir / m.trt["plan"]
-    if not plan.is_file():
-        raise UserError(f"{plan} is listed in the manifest but missing (plans are device-specific and not "
-                        f"committed); rebuild it with `abcd-edge export --trt --out {artifact_dir}`")
-    if sha256_file(plan) != m.trt["plan_sha256"]:
-        raise UserError(f"{plan} does not match its sha256 in {MANIFEST_NAME}; rebuild it with --trt")
-    return dict(m.trt, plan_path=str(plan))
-
-
-def check_trt_plan(manifest: Manifest, tensorrt_version: str | None = None, gpu_name: str | None = None,
-                   compute_capability: str | None = None) -> dict:
-    """Refuse (UserError) a plan built for another GPU or TensorRT version; return the trt record if fine.
-
-    Pure over the manifest when ``tensorrt_version`` and ``gpu_name`` are given; when
-    left out they are taken from this machine (``import tensorrt``, :func:`detect_gpu`).
-    A serialized TensorRT engine only loads on the TensorRT version that built it and
-    is tuned for one GPU, so both must match exactly (GPU names compared ignoring case,
-    spacing and an "NVIDIA " prefix; compute capability too when both sides know it).
-    """
-    trt = manifest.trt
-    if trt is None:
-        raise UserError(f"artifact {manifest.name!r} has no TensorRT plan; build one on the target device with "
-                        "`abcd-edge export --trt`")
-    if tensorrt_version is None:
-        try:
-            import tensorrt  # type: ignore
-
-            tensorrt_version = tensorrt.__version__
-        except Exception as exc:
-            raise UserError(f"TensorRT is not installed here (import tensorrt failed: {exc}); the plan in "
-                            f"{manifest.name!r} needs TensorRT {trt['tensorrt_version']}") from None
-    if gpu_name is None:
-        info = detect_gpu()
-        gpu_name = info["gpu_name"]
-        compute_capability = compute_capability or info["compute_capability"]
-        if gpu_name is None:
-            raise UserError(f"cannot tell which GPU this is (no NVML, nvidia-smi or Jetson model); the plan in "
-                            f"{manifest.name!r} was built for {trt['gpu_name']!r}")
-    if str(tensorrt_version) != str(trt["tensorrt_version"]):
-        raise UserError(f"the TensorRT plan in {manifest.name!r} was built with TensorRT {trt['tensorrt_version']} "
-                        f"but this machine has TensorRT {tensorrt_version}; rebuild it here with "
-                        "`abcd-edge export --trt`")
-    if _norm_gpu(gpu_name) != _norm_gpu(trt["gpu_name"]):
-        raise UserError(f"the TensorRT plan in {manifest.name!r} was built for GPU {trt['gpu_name']!r} but this "
-                        f"machine has {gpu_name!r}; rebuild it here with `abcd-edge export --trt`")
-    built_cc = trt.get("compute_capability")
-    if built_cc and compute_capability and str(built_cc) != str(compute_capability):
-        raise UserError(f"the TensorRT plan in {manifest.name!r} was built for compute capability {built_cc} but "
-                        f"this GPU has {compute_capability}; rebuild it here with `abcd-edge export --trt`")
-    return trt

@@ -83,8 +83,8 @@ def choose_placement(kind: str, schedule: NoiseSchedule, controller, context: li
 def plan_request(budget: Budget, *, rho: float, sampler: str, batch: int, seed: int, best_effort: bool,
                  placement: str, bp: BatchProfile, cost: CostModel, minimum_ms: float, schedule: NoiseSchedule,
                  controller, profile_name: str, meter: str) -> RequestPlan:
-    """Plan a request: the most steps whose *sum* fits the limit, placed by the controller or a rule."""
-    check_request(rho, sampler, batch, placement)
+    """Plan a request (its arguments already passed :func:`check_request`): the most steps whose *sum*
+    fits the limit, placed by the controller or a rule."""
     limit = budget_in_ms(budget, bp, profile_name, meter)
     context = context_vector(limit, bp.flops_per_s, rho) if controller is not None else None
     cap = RULE_MAX_STEPS if controller is None else schedule.num_train_timesteps

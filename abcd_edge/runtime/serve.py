@@ -84,7 +84,7 @@ def _nanmean(values: np.ndarray) -> float | None:
     return float(finite.mean()) if finite.size else None
 
 
-def serve(budget: Budget, rho: float, sampler: str, schedule: str, seed: int, batch: int, artifact: str,
+def serve(budget: Budget, rho: float, sampler: str, placement: str, seed: int, batch: int, artifact: str,
           profile: str | None, controller: str | None, backend: str, threads: int, power: str,
           best_effort: bool, requests: int, out: Path, report: Path) -> str:
     """Run the requests; write the last image and the report after the clocks stop; return a summary line.
@@ -95,17 +95,16 @@ def serve(budget: Budget, rho: float, sampler: str, schedule: str, seed: int, ba
     """
     from tqdm import tqdm
 
-    rt = AnytimeRuntime.open(artifact, profile=profile, controller=controller, backend=backend, threads=threads,
-                        power=power)
     stats = RunningStats(requests)
     rss_warm = None
     images = rep = None
-    try:
+    with AnytimeRuntime.open(artifact, profile=profile, controller=controller, backend=backend, threads=threads,
+                             power=power) as rt:
         with atomic_path(report) as tmp, open(tmp, "w") as rows:
             rows.write('{"schema_version": 1, "requests": [\n')
             for k in tqdm(range(requests), desc="requests", unit="req", disable=requests < 50, file=sys.stderr):
                 images, rep = rt.generate(budget, rho=rho, sampler=sampler, seed=seed + k, batch=batch,
-                                          best_effort=best_effort, schedule=schedule)
+                                          best_effort=best_effort, placement=placement)
                 stats.add(rep)
                 rows.write((",\n" if k else "") + json.dumps(rep.to_json()))
                 if k + 1 == min(WARMUP_REQUESTS, requests):
@@ -117,8 +116,6 @@ def serve(budget: Budget, rho: float, sampler: str, schedule: str, seed: int, ba
                 rows.write(json.dumps(rep.to_json(), indent=2) + "\n")
             else:
                 rows.write('\n], "summary": ' + json.dumps(asdict(summary), indent=2) + "}\n")
-    finally:
-        rt.close()
     save_png(images, out)
     if requests == 1:
         return rep.summary_line() + f"  -> {out}, {report}"

@@ -186,14 +186,14 @@ def test_interrupted_bench_resumes_to_the_complete_grid(tiny_artifact, tiny_prof
 
 
 def test_bench_results_cut_short_by_a_kill_are_repaired(tmp_path):
-    from abcd_edge.bench import legacy as bench
+    from abcd_edge.bench import store
 
     path = tmp_path / "results.csv"
-    row = {k: "1" for k in bench.CSV_FIELDS} | {"status": "ok"}
-    bench._write_csv(path, [row, row])
+    row = {k: "1" for k in store.CSV_FIELDS} | {"status": "ok"}
+    store.write_csv(path, [row, row])
     text = path.read_text()
     path.write_text(text + text.splitlines(keepends=True)[1][:10])   # a kill in the middle of a row
-    assert len(bench._read_csv(path)) == 2
+    assert len(store.read_csv(path)) == 2
     assert path.read_text() == text
 
 
@@ -242,7 +242,7 @@ def test_pickled_weights_never_run_code(tiny_model_dir, tmp_path):
     """A model folder with only a pickle .bin: loaded with torch.load(weights_only=True) or refused."""
     import torch
 
-    from abcd_edge.export.pipeline import load_model
+    from abcd_edge.export.model import load_model
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
@@ -254,13 +254,12 @@ def test_pickled_weights_never_run_code(tiny_model_dir, tmp_path):
     assert not marker.exists()
 
 
-def test_threads_one_runtime_each_give_independent_correct_results(tiny_artifact, fixed_profile):
+def test_threads_one_runtime_each_give_independent_correct_results(tiny_artifact, fixed_profile, step_clock):
     from abcd_edge.runtime.session import AnytimeRuntime
-    from tests.test_runtime import StepClock
 
     def run(seed):
         rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none",
-                            clock=StepClock(1.0))
+                            clock=step_clock(1.0))
         try:
             return rt.generate(parse_budget("40ms"), sampler="dpmpp-2m", seed=seed)[0]
         finally:
@@ -299,10 +298,13 @@ def test_runtime_touches_no_network(tiny_artifact, fixed_profile, monkeypatch):
 
     monkeypatch.setattr(socket, "socket", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none")
-    _, rep = rt.generate(parse_budget("1s"))
-    rt.close()
-    assert rep.steps >= 1
+    with pytest.raises(AssertionError, match="tried to open a socket"):
+        socket.create_connection(("127.0.0.1", 9))            # the trap is armed
+    with AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none") as rt:
+        images, rep = rt.generate(parse_budget("1s"))
+    # a whole request (session start, warm-up, 200 steps, finishing) ran without opening a socket
+    assert rep.exit_reason == "done" and rep.steps == rep.planned_steps == 200 and rep.deadline_met
+    assert images.shape == (1, 8, 8, 3) and images.std() > 0
 
 
 def test_soak_memory_flat(tiny_artifact, fixed_profile):

@@ -1,0 +1,289 @@
+"""The bench's metrics: success, bootstrap CIs over seeds, feature-FID of on-time images, the per-setting
+cells, cost-predictor error, the wins table and the issue's goals; and the quality backend that scores
+images (feature net + FID to the reference statistics)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from abcd_edge.bench.grid import ALL_RHO, BASELINES, METHODS, REF_N, REF_SEED
+from abcd_edge.bench.store import (RESULTS_CSV, FEATURES_DIR, block_key, cost_terms, load_on_time_features,
+                                   read_csv, stream_key)
+from abcd_edge.core.budget import parse_budget
+from abcd_edge.errors import UserError
+
+BOOTSTRAP = 1000
+BOOTSTRAP_FID = 200
+
+
+# ------------------------------------------------------------------------------------ quality backend
+
+class Quality:
+    """Feature extractor + reference statistics: ``features(uint8 NHWC)`` and ``fid(features)``."""
+
+    def __init__(self, features: Callable[[np.ndarray], np.ndarray], fid: Callable[[np.ndarray], float],
+                 description: str):
+        self.features, self.fid, self.description = features, fid, description
+
+    @classmethod
+    def default(cls, resolution: int, ref_seed: int = REF_SEED, ref_n: int = REF_N) -> tuple["Quality | None", str]:
+        """The shipped feature net and its committed reference statistics, or (None, why not)."""
+        from threadpoolctl import threadpool_limits
+
+        from abcd_edge.quality import FeatureNet, ReferenceStats
+
+        try:
+            net = FeatureNet()
+        except UserError as exc:
+            return None, f"feature-FID not measured: {exc}"
+        if isinstance(net.height, int) and net.height != resolution:
+            return None, (f"feature-FID not measured: the feature net takes {net.height}x{net.width} images, "
+                          f"the artifact makes {resolution}x{resolution}")
+        with threadpool_limits(limits=1, user_api="blas"):
+            ref = ReferenceStats.load_or_compute(ref_seed, ref_n, net, resolution=resolution)
+        return cls(net.features, ref.fid_to_reference, f"feature-FID (export/featurenet sha256 {net.sha256[:12]}, "
+                   f"reference: generator data seed {ref_seed}, n={ref_n})"), ""
+
+
+# ------------------------------------------------------------------------------------ pure functions
+
+def success_rate(met: Sequence[bool]) -> float | None:
+    met = list(met)
+    return (sum(bool(m) for m in met) / len(met)) if met else None
+
+
+def percentile_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+    if v.size == 0:
+        return None
+    a = (1 - level) / 2
+    return float(np.quantile(v, a)), float(np.quantile(v, 1 - a))
+
+
+def bootstrap_ci(groups: Sequence[Any], stat: Callable[[list[Any]], float | None], n_boot: int = BOOTSTRAP,
+                 seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile CI of ``stat`` over resamples (with replacement) of ``groups`` (here: seeds)."""
+    groups = list(groups)
+    if not groups:
+        return None
+    if len(groups) == 1:
+        v = stat(groups)
+        return None if v is None else (v, v)
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(groups), len(groups))
+        v = stat([groups[i] for i in idx])
+        if v is not None:
+            vals.append(v)
+    return percentile_ci(vals, level)
+
+
+def pooled_success(groups: list[tuple[int, int]]) -> float | None:
+    """groups: (met, total) per seed -> pooled share."""
+    tot = sum(g[1] for g in groups)
+    return sum(g[0] for g in groups) / tot if tot else None
+
+
+def pooled_cost_error(terms: Iterable[tuple[float, int, int]]) -> tuple[float | None, float | None]:
+    """(MAPE, coverage) over all steps of requests given as their results.csv cost terms
+    (ape_sum, steps, covered): MAPE of predicted vs measured step ms, share of steps measured <= predicted."""
+    s = n = c = 0
+    for ape_sum, steps, covered in terms:
+        s, n, c = s + ape_sum, n + steps, c + covered
+    return (s / n, c / n) if n else (None, None)
+
+
+def cost_predictor_error(predicted: Sequence[float], measured: Sequence[float]) -> tuple[float | None, float | None]:
+    """(MAPE of predicted vs measured step ms, share of steps whose measured time <= predicted) of one request,
+    from the same terms results.csv stores."""
+    terms = cost_terms(predicted, measured)
+    return pooled_cost_error([terms] if terms is not None else [])
+
+
+def fid_pool(fid_fn: Callable[[np.ndarray], float], parts: list[np.ndarray]) -> float | None:
+    """FID of the pooled feature sets; None with fewer than 2 images."""
+    x = [p for p in parts if len(p)]
+    if not x:
+        return None
+    feats = np.concatenate(x)
+    if len(feats) < 2:
+        return None
+    return float(fid_fn(feats))
+
+
+def _f(v: str) -> float | None:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+# ------------------------------------------------------------------------------------ cells
+
+@dataclass
+class Cell:
+    status: str
+    n_requests: int = 0
+    n_images: int = 0
+    success: float | None = None
+    success_ci: tuple | None = None
+    fid: float | None = None
+    fid_ci: tuple | None = None
+    n_on_time: int = 0
+    n_refused: int = 0
+    util: float | None = None
+    util_ci: tuple | None = None
+    steps: float | None = None
+    psnr: float | None = None
+    energy: float | None = None
+    detail: str = ""
+
+
+def compute_cells(out: Path, quality_fid: Callable | None = None) -> tuple[list[dict], dict]:
+    """Per (tier, budget, sampler, rho, method): the metrics with bootstrap CIs over seeds."""
+    rows = [r for r in read_csv(Path(out) / RESULTS_CSV) if r["status"] != "block-end"]
+    meta = json.loads((Path(out) / "bench.json").read_text())
+    spec = meta["grid"]
+    quality_list = [float(q) for q in spec["quality"]]
+    feat_dir = Path(out) / FEATURES_DIR
+    cells = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["tier"], r["budget"], r["sampler"], r["method"], r["rho"]), []).append(r)
+    tiers = {t["name"]: t for t in meta["tiers"]}
+    for (tier, budget, sampler, method, rho), rs in groups.items():
+        for q in (quality_list if rho == ALL_RHO else [float(rho)]):
+            statuses = {r["status"] for r in rs}
+            st = "ok" if "ok" in statuses or "refused" in statuses else sorted(statuses)[0]
+            cell = Cell(status=st, detail=rs[0]["method_detail"])
+            if st == "ok":
+                _fill_cell(cell, rs, quality_fid, feat_dir, (tier, budget, sampler), stream_key(method, rho))
+            cells.append(dict(tier=tier, simulated=tiers.get(tier, {}).get("simulated", False), budget=budget,
+                              budget_ms=parse_budget(budget).ms, sampler=sampler, rho=q, method=method,
+                              shared=rho == ALL_RHO, **asdict(cell)))
+    return cells, meta
+
+
+def _fill_cell(cell: Cell, rs: list[dict], quality_fid, feat_dir: Path, setting: tuple[str, str, str],
+               stream: str) -> None:
+    served = [r for r in rs if r["status"] in ("ok", "refused")]
+    by_seed: dict[int, list[dict]] = {}
+    for r in served:
+        by_seed.setdefault(int(r["seed"]), []).append(r)
+    seeds = sorted(by_seed)
+    succ_groups = [(sum(r["deadline_met"] == "True" for r in by_seed[s]), len(by_seed[s])) for s in seeds]
+    cell.n_requests = len(served)
+    cell.n_refused = sum(r["status"] == "refused" for r in served)
+    cell.n_images = sum(int(r["batch"]) for r in served)
+    cell.success = pooled_success(succ_groups)
+    cell.success_ci = bootstrap_ci(succ_groups, pooled_success, seed=1)
+    ok = [r for r in served if r["status"] == "ok"]
+    utils = [_f(r["utilisation"]) for r in ok]
+    cell.util = float(np.mean(utils)) if utils else None
+    util_groups = [[_f(r["utilisation"]) for r in by_seed[s] if r["status"] == "ok"] for s in seeds]
+    cell.util_ci = bootstrap_ci(util_groups, lambda g: float(np.mean(sum(g, []))) if sum(g, []) else None, seed=2)
+    cell.steps = float(np.mean([_f(r["steps"]) for r in ok])) if ok else None
+    ps = [_f(r["teacher_psnr"]) for r in ok if r["deadline_met"] == "True" and _f(r["teacher_psnr"]) is not None]
+    cell.psnr = float(np.mean(ps)) if ps else None
+    en = [_f(r["energy_mj"]) for r in ok if _f(r["energy_mj"]) is not None]
+    cell.energy = float(np.mean(en)) if en else None
+    if quality_fid is not None:
+        per_seed = [f for f in (load_on_time_features(feat_dir, block_key(*setting, s), stream) for s in seeds)
+                    if f is not None]
+        if per_seed:
+            cell.n_on_time = int(sum(len(p) for p in per_seed))
+            cell.fid = fid_pool(quality_fid, per_seed)
+            cell.fid_ci = bootstrap_ci(per_seed, lambda g: fid_pool(quality_fid, g), n_boot=BOOTSTRAP_FID, seed=3)
+
+
+def predictor_errors(out: Path) -> list[dict]:
+    """Per tier and method: MAPE of predicted vs measured step ms, and p99 coverage, over all steps."""
+    acc: dict[tuple, list[tuple[float, int, int]]] = {}
+    for r in read_csv(Path(out) / RESULTS_CSV):
+        if r["status"] != "ok" or not r["cost_steps"]:
+            continue
+        acc.setdefault((r["tier"], r["method"]), []).append(
+            (float(r["cost_ape_sum"]), int(r["cost_steps"]), int(r["cost_covered"])))
+    out_rows = []
+    for (t, m), terms in sorted(acc.items()):
+        mape, coverage = pooled_cost_error(terms)
+        out_rows.append(dict(tier=t, method=m, steps=sum(n for _, n, _ in terms), mape=mape, coverage=coverage))
+    return out_rows
+
+
+# ------------------------------------------------------------------------------------ comparisons
+
+def _by_setting(cells: list[dict]) -> dict[tuple, dict[str, dict]]:
+    by_setting: dict[tuple, dict[str, dict]] = {}
+    for c in cells:
+        if c["status"] == "ok":
+            by_setting.setdefault((c["tier"], c["budget"], c["sampler"], c["rho"]), {})[c["method"]] = c
+    return by_setting
+
+
+def wins_table(cells: list[dict]) -> list[dict]:
+    """For each baseline: share of feasible settings where ABCD is not worse on success nor feature-FID and
+    better on one (win), the reverse (loss), or neither (mixed / tie). Point estimates."""
+    by_setting = _by_setting(cells)
+    out = []
+    for b in [m for m in METHODS if m not in ("abcd",)]:
+        n = w = lo = mixed = 0
+        for _, ms in by_setting.items():
+            a, x = ms.get("abcd"), ms.get(b)
+            if not a or not x or a["success"] is None or x["success"] is None:
+                continue
+            fa = a["fid"] if a["fid"] is not None else math.inf
+            fx = x["fid"] if x["fid"] is not None else math.inf
+            if fa == math.inf and fx == math.inf:
+                fa = fx = 0.0   # no quality measured: compare on success alone
+            n += 1
+            if a["success"] >= x["success"] and fa <= fx and (a["success"] > x["success"] or fa < fx):
+                w += 1
+            elif x["success"] >= a["success"] and fx <= fa and (x["success"] > a["success"] or fx < fa):
+                lo += 1
+            else:
+                mixed += 1
+        out.append(dict(baseline=b, settings=n, wins=w / n if n else None, losses=lo / n if n else None,
+                        mixed=mixed / n if n else None))
+    return out
+
+
+def goals(cells: list[dict], meta: dict) -> dict:
+    """The issue's goals: ABCD success >= 99.9 % on real tiers at budgets >= 3x p50 step; ABCD feature-FID <=
+    0.9x the best baseline's (among baselines ABCD matches or beats on success) on >= 80 % of settings."""
+    from abcd_edge.formats.profile import load_profile
+
+    batch = meta["grid"]["batch"]
+    p50 = {}
+    for t in meta["tiers"]:
+        try:
+            p50[t["name"]] = load_profile(t["profile_path"]).for_batch(batch).step.p50_ms
+        except UserError:
+            p50[t["name"]] = None
+    g1 = []
+    for c in cells:
+        if c["method"] == "abcd" and c["status"] == "ok" and not c["simulated"] and p50.get(c["tier"]) \
+                and c["budget_ms"] >= 3 * p50[c["tier"]]:
+            g1.append(dict(setting=f"{c['tier']} {c['budget']} {c['sampler']} rho={c['rho']}", success=c["success"],
+                           met=c["success"] is not None and c["success"] >= 0.999))
+    g2 = []
+    for k, ms in _by_setting(cells).items():
+        a = ms.get("abcd")
+        if not a or a["fid"] is None:
+            continue
+        cands = [ms[b] for b in BASELINES if b in ms and ms[b]["fid"] is not None and ms[b]["success"] is not None
+                 and ms[b]["success"] <= a["success"]]
+        best = min(cands, key=lambda c: c["fid"]) if cands else None
+        g2.append(dict(setting=" ".join(map(str, k)), abcd_fid=a["fid"], best=best["method"] if best else None,
+                       best_fid=best["fid"] if best else None,
+                       met=bool(best and a["fid"] <= 0.9 * best["fid"])))
+    share = sum(g["met"] for g in g2) / len(g2) if g2 else None
+    return dict(success_goal=g1, success_goal_met=bool(g1) and all(g["met"] for g in g1),
+                qub_goal=g2, qub_goal_share=share, qub_goal_met=share is not None and share >= 0.8)

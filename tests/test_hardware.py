@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from abcd_edge.device import hardware, telemetry
+from abcd_edge.device import hardware, meters
 from abcd_edge.device.hardware import device_id, format_info, hw_slug, machine_info, slug
 
 SAFE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
@@ -20,7 +20,7 @@ def no_optional_modules(monkeypatch, tmp_path):
     """Same answers whatever this host has installed: no jtop, no pynvml, no powercap, no Jetson files."""
     monkeypatch.setitem(sys.modules, "jtop", None)
     monkeypatch.setitem(sys.modules, "pynvml", None)
-    monkeypatch.setattr(telemetry, "DEFAULT_RAPL_ROOT", str(tmp_path / "no-powercap"))
+    monkeypatch.setattr(meters, "DEFAULT_RAPL_ROOT", str(tmp_path / "no-powercap"))
     monkeypatch.setattr(hardware, "DT_MODEL", str(tmp_path / "no-dt-model"))
     monkeypatch.setattr(hardware, "TEGRA_RELEASE", str(tmp_path / "no-tegra-release"))
 

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from abcd_edge.device import telemetry
+from abcd_edge.device import meters, telemetry
 from abcd_edge.errors import UserError
-from abcd_edge.device.telemetry import PowerReading, RaplReader, open_meter, available_meters
+from abcd_edge.device.meters import RaplReader
+from abcd_edge.device.power import PowerReading
+from abcd_edge.device.telemetry import open_meter, available_meters
 
 WINDOW_S = 0.12
 FAST = 0.01
@@ -30,7 +32,7 @@ def no_real_meters(monkeypatch, tmp_path):
     """Each test starts with no jtop, no pynvml and no powercap tree, whatever this host has."""
     monkeypatch.setitem(sys.modules, "jtop", None)
     monkeypatch.setitem(sys.modules, "pynvml", None)
-    monkeypatch.setattr(telemetry, "DEFAULT_RAPL_ROOT", str(tmp_path / "no-powercap"))
+    monkeypatch.setattr(meters, "DEFAULT_RAPL_ROOT", str(tmp_path / "no-powercap"))
 
 
 # -- stand-ins --------------------------------------------------------------------------
@@ -203,7 +205,7 @@ def test_rapl_backwards_without_range_is_an_error(tmp_path):
 
 def test_rapl_meter_energy_is_counter_difference_across_wrap(tmp_path):
     root = make_rapl(tmp_path / "powercap", {0: 990_000})
-    meter = telemetry.RaplMeter(FAST, root=root)
+    meter = meters.RaplMeter(FAST, root=root)
     with meter.measure() as m:
         for value in (995_000, 2_000, 7_000):  # 5_000 + 7_000 (wrap) + 5_000 uJ = 17 mJ
             time.sleep(0.03)
@@ -221,15 +223,15 @@ def test_rapl_meter_energy_is_counter_difference_across_wrap(tmp_path):
 
 def test_rapl_permission_denied_is_a_clear_reason(tmp_path, monkeypatch):
     root = make_rapl(tmp_path / "powercap", {0: 1})
-    monkeypatch.setattr(telemetry, "DEFAULT_RAPL_ROOT", str(root))
-    real = telemetry._read_text
+    monkeypatch.setattr(meters, "DEFAULT_RAPL_ROOT", str(root))
+    real = meters._read_text
 
     def denied(path):
         if Path(path).name == "energy_uj":
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
 
-    monkeypatch.setattr(telemetry, "_read_text", denied)
+    monkeypatch.setattr(meters, "_read_text", denied)
     reason = available_meters()["rapl"]
     assert "root only" in reason and "chmod o+r" in reason and str(root) in reason
     with pytest.raises(UserError) as ei:
@@ -249,14 +251,14 @@ def test_rapl_missing_tree_is_unavailable(tmp_path):
 
 def test_rapl_read_failing_mid_run_degrades_to_no_reading(tmp_path, monkeypatch):
     root = make_rapl(tmp_path / "powercap", {0: 1_000})
-    meter = telemetry.RaplMeter(FAST, root=root)
+    meter = meters.RaplMeter(FAST, root=root)
     meter.start()
     time.sleep(0.03)
 
     def broken(path):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(telemetry, "_read_text", broken)
+    monkeypatch.setattr(meters, "_read_text", broken)
     time.sleep(0.05)
     r = meter.stop()  # must not raise
     meter.close()
@@ -347,7 +349,7 @@ def test_jtop_service_absent_is_unavailable_not_a_crash(monkeypatch, kw):
     with pytest.raises(UserError) as ei:
         open_meter("jtop")
     assert "\n" not in str(ei.value) and "abcd-edge info" in str(ei.value)
-    assert telemetry.jtop_board_info() is None
+    assert meters.jtop_board_info() is None
 
 
 def test_jtop_lost_mid_run_degrades_to_no_reading(monkeypatch):
@@ -367,7 +369,7 @@ def test_jtop_lost_mid_run_degrades_to_no_reading(monkeypatch):
 # -- choosing ------------------------------------------------------------------------------
 def test_auto_order_jtop_then_nvml_then_rapl_then_none(monkeypatch, tmp_path):
     root = make_rapl(tmp_path / "powercap", {0: 1})
-    monkeypatch.setattr(telemetry, "DEFAULT_RAPL_ROOT", str(root))
+    monkeypatch.setattr(meters, "DEFAULT_RAPL_ROOT", str(root))
     monkeypatch.setitem(sys.modules, "pynvml", make_pynvml())
     monkeypatch.setitem(sys.modules, "jtop", make_jtop())
     assert available_meters() == {"jtop": None, "nvml": None, "rapl": None, "none": None}
@@ -379,7 +381,7 @@ def test_auto_order_jtop_then_nvml_then_rapl_then_none(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "pynvml", make_pynvml(init_error=True))
     with open_meter("auto") as m:
         assert m.name == "rapl"
-    monkeypatch.setattr(telemetry, "DEFAULT_RAPL_ROOT", str(tmp_path / "gone"))
+    monkeypatch.setattr(meters, "DEFAULT_RAPL_ROOT", str(tmp_path / "gone"))
     with open_meter("auto") as m:
         assert m.name == "none"
         with m.measure() as h:

@@ -192,7 +192,7 @@ def jetson_info(use_jtop: bool = True, dt_model_path: str | None = None, release
     l4t = _l4t_release(release_path)
     board = None
     if use_jtop:
-        from abcd_edge.device.telemetry import jtop_board_info
+        from abcd_edge.device.meters import jtop_board_info
         board = jtop_board_info()
     if board is None:
         if not l4t and "jetson" not in dt.lower():

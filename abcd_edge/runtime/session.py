@@ -26,7 +26,7 @@ from abcd_edge.core.loop import run_steps
 from abcd_edge.core.noise import NoiseSchedule
 from abcd_edge.core.samplers import make_sampler
 from abcd_edge.device.clock import WallClock
-from abcd_edge.device.telemetry import NoneMeter
+from abcd_edge.device.power import NoneMeter
 from abcd_edge.errors import UserError
 from abcd_edge.formats.controller import cost_features
 from abcd_edge.formats.manifest import Manifest

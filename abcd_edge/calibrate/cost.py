@@ -27,9 +27,5 @@ def train_cost(state: CalibrationState) -> None:
         pred = state.model.cost_log(torch.from_numpy(np.stack(feats))).exp()
         err = torch.tensor(targets, dtype=torch.float32) - pred
         loss = torch.maximum(q * err, (q - 1) * err).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        bar.update(1)
+        state.optimiser_step(opt, loss, losses, bar)
     bar.close()

@@ -69,9 +69,5 @@ def train_policy(state: CalibrationState, traces: list[dict]) -> None:
     for _ in range(state.cfg.policy_iters):
         batch = [rows[k] for k in state.rng.choice(len(rows), min(16, len(rows)), replace=False)]
         loss = sum(policy_loss(state.model, state.cfg, r) for r in batch) / len(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        bar.update(1)
+        state.optimiser_step(opt, loss, losses, bar)
     bar.close()

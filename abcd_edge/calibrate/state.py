@@ -198,6 +198,15 @@ class CalibrationState:
             raise RuntimeError("the teacher stage has not run yet")
         return self.data
 
+    @staticmethod
+    def optimiser_step(opt, loss, losses: list[float], bar) -> None:
+        """One Adam step on ``loss``, its value recorded in ``losses`` and the progress bar advanced."""
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.update(1)
+
     def bar(self, total: int, desc: str):
         from tqdm import tqdm
 

@@ -18,6 +18,18 @@ JTOP_MIN_INTERVAL_S = 0.1
 NVML_COUNTER_RESOLUTION_S = 0.1
 
 
+def _import_meter_library(module: str, label: str, missing: str):
+    """Import a meter's optional library, or raise MeterUnavailable saying why in one line."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MeterUnavailable(_missing(missing, module, exc)) from None
+    except Exception as exc:
+        raise MeterUnavailable(f"{label} failed to import: {type(exc).__name__}: {_one_line(exc)}") from None
+
+
 # -- jtop (jetson-stats 4.x) ---------------------------------------------------
 class JtopMeter(PowerMeter):
     """Jetson board power from jetson-stats: ``jetson.power['tot']['power']`` (mW).
@@ -31,12 +43,8 @@ class JtopMeter(PowerMeter):
 
     def __init__(self, interval_s: float = 0.05) -> None:
         super().__init__(interval_s)
-        try:
-            import jtop as jtop_module
-        except ImportError as exc:
-            raise MeterUnavailable(_missing("jetson-stats is not installed (pip install jetson-stats; it needs its jtop.service)", "jtop", exc))
-        except Exception as exc:
-            raise MeterUnavailable(f"jetson-stats failed to import: {type(exc).__name__}: {_one_line(exc)}")
+        jtop_module = _import_meter_library(
+            "jtop", "jetson-stats", "jetson-stats is not installed (pip install jetson-stats; it needs its jtop.service)")
         self._jetson = None
         try:
             jetson = jtop_module.jtop(interval=max(self.interval_s, JTOP_MIN_INTERVAL_S))
@@ -147,12 +155,7 @@ class NvmlMeter(PowerMeter):
 
     def __init__(self, interval_s: float = 0.05, device_index: int = 0) -> None:
         super().__init__(interval_s)
-        try:
-            import pynvml
-        except ImportError as exc:
-            raise MeterUnavailable(_missing("nvidia-ml-py is not installed (pip install nvidia-ml-py)", "pynvml", exc))
-        except Exception as exc:
-            raise MeterUnavailable(f"pynvml failed to import: {type(exc).__name__}: {_one_line(exc)}")
+        pynvml = _import_meter_library("pynvml", "pynvml", "nvidia-ml-py is not installed (pip install nvidia-ml-py)")
         self._nvml = pynvml
         self._inited = False
         try:

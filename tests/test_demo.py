@@ -50,7 +50,7 @@ def test_shipped_artifact_samples_through_ort():
     from abcd_edge.core.samplers import make_sampler
     from abcd_edge.core.noise import NoiseSchedule
     from abcd_edge.core.placement import time_uniform_sigmas
-    from abcd_edge.trajectory import sample
+    from abcd_edge.core.loop import sample
 
     manifest = load_manifest(paths.DEMO_ARTIFACT_DIR)
     den = open_denoiser(paths.DEMO_ARTIFACT_DIR, threads=1)

@@ -323,8 +323,9 @@ def test_soak_memory_flat(tiny_artifact, fixed_profile):
 
 
 def test_failing_power_meter_still_answers(tiny_artifact, fixed_profile):
+    from abcd_edge.device.power import PowerReading
+    from abcd_edge.runtime.discover import discover
     from abcd_edge.runtime.session import AnytimeRuntime
-    from abcd_edge.device.telemetry import PowerReading
 
     class Broken:
         name = "rapl"
@@ -339,8 +340,8 @@ def test_failing_power_meter_still_answers(tiny_artifact, fixed_profile):
         def close(self):
             pass
 
-    rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none")
-    rt.meter = Broken()
-    _, rep = rt.generate(parse_budget("1s"))
-    rt.close()
-    assert rep.energy_mj is None and any("read failed" in n for n in rep.notes) and rep.deadline_met
+    parts = discover(tiny_artifact, profile=fixed_profile, controller=None, threads=1, power="none")
+    with AnytimeRuntime(parts.denoiser, parts.manifest, parts.profile, meter=Broken(),
+                        manifest_hash=parts.manifest_hash) as rt:          # the meter passed in, not patched
+        _, rep = rt.generate(parse_budget("1s"))
+    assert rep.power_meter == "rapl" and rep.energy_mj is None and any("read failed" in n for n in rep.notes) and rep.deadline_met

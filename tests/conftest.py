@@ -1,9 +1,11 @@
-"""Shared fixtures: a tiny diffusers UNet exported to a real ONNX artifact, and its measured profile."""
+"""Shared fixtures and stand-ins: a tiny diffusers UNet exported to a real ONNX artifact, its measured and
+fixed profiles, a short real calibration, and ``StepClock`` (a fake clock for deterministic exit-rule tests)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
 
 class StepClock:
     """A fake clock: every denoiser call costs ``step_ms`` (a number, or a function of the call index);

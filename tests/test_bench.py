@@ -50,11 +50,11 @@ def test_fid_identical_sets_is_zero_and_shift_is_known():
 
 
 def test_cost_predictor_error(tmp_path):
-    mape, cov = metrics.cost_predictor_error([2, 2, 2], [1, 2, 4])
+    mape, cov = metrics.pooled_cost_error([store.cost_terms([2, 2, 2], [1, 2, 4])])
     assert mape == pytest.approx((1 + 0 + 0.5) / 3)
     assert cov == pytest.approx(2 / 3)
-    assert metrics.cost_predictor_error([], []) == (None, None)
-    assert metrics.cost_predictor_error([2, 2], [1, 2, 4]) == (None, None)     # not one prediction per step
+    assert store.cost_terms([], []) is None and metrics.pooled_cost_error([]) == (None, None)
+    assert store.cost_terms([2, 2], [1, 2, 4]) is None                          # not one prediction per step
     # the same terms are what results.csv stores per request and what the summary pools per (tier, method)
     tier = tiers.Tier(name="t", kind="real", profile_path="p.json", device_id="d", backend="ort-cpu", threads=1)
     res = methods.RunResult(images=np.zeros((1, 8, 8, 3), np.uint8), latency_ms=10.0, deadline_met=True, steps=3,

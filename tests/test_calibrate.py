@@ -139,7 +139,7 @@ def test_torch_rollout_is_the_onnx_loop_with_gradients(tiny_artifact, tiny_model
 def test_validation_budgets_fit_their_steps_by_the_cost_model(tiny_artifact, fixed_profile):
     """Calibration asks the runtime's CostModel how many steps fit; the budget each validation run of n
     steps is planned for fits exactly n static steps at the tail (and one more does not)."""
-    from abcd_edge.calibrate.evaluate import VALIDATION_STEPS, budget_for_steps
+    from abcd_edge.calibrate.evaluate import VALIDATION_STEPS
     from abcd_edge.calibrate.state import CalibrationProfile
     from abcd_edge.formats.manifest import manifest_hash
     from abcd_edge.formats.profile import load_profile
@@ -152,7 +152,7 @@ def test_validation_budgets_fit_their_steps_by_the_cost_model(tiny_artifact, fix
         assert cost == CostModel.from_profile(raw.for_batch(1), sampler,
                                               decision_tail_ms=raw.controller_decision.p99_ms)
         for n in VALIDATION_STEPS:
-            budget = budget_for_steps(cost, n)
+            budget = cost.budget_for(n)
             assert prof.steps_that_fit(budget, sampler) == cost.steps_that_fit(budget, level="tail") == n
             assert prof.steps_that_fit(budget + cost.next_step_ms(), sampler) == n + 1
             assert prof.steps_that_fit(budget, sampler, cap=2) == min(n, 2)

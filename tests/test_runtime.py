@@ -61,7 +61,11 @@ def test_every_sampler_runs(tiny_artifact, fixed_profile, sampler, step_clock):
 
 def test_batch_two(runtime):
     images, rep = runtime.generate(parse_budget("1s"), batch=2)
-    assert images.shape[0] == 2 and rep.batch == 2
+    assert images.shape == (2, 8, 8, 3) and rep.batch == 2 and rep.exit_reason == "done" and rep.steps >= 1
+    assert not np.array_equal(images[0], images[1])          # two noises, two images
+    # numpy scalars (as a caller's arrays give them) are accepted like Python numbers
+    _, rep2 = runtime.generate(parse_budget("1s"), rho=np.float32(1.0), batch=np.int64(2))
+    assert rep2.batch == 2 and rep2.steps >= 1
 
 
 def test_budget_rule_on_fake_clock(tiny_artifact, fixed_profile, step_clock):
@@ -73,7 +77,7 @@ def test_budget_rule_on_fake_clock(tiny_artifact, fixed_profile, step_clock):
     # 10x slower steps than profiled: the loop re-plans the rest of the schedule into the steps that
     # still fit (so it still reaches low noise) and never starts a step whose tail would overrun
     # (the clock is fake and deterministic: the re-planned schedule ends exactly, 9 of 87 planned steps)
-    assert rep.exit_reason == "done" and rep.replans >= 1
+    assert rep.exit_reason == "done" and (rep.steps, rep.planned_steps) == (9, 87) and rep.replans >= 1
     assert rep.latency_ms <= 100
     assert rep.sigmas[rep.steps - 1] < 0.1 * rep.sigmas[0] and rep.sigmas[rep.steps - 1] < 5.0
     elapsed = 0.0
@@ -128,7 +132,8 @@ def test_refuses_below_minimum_and_best_effort(runtime):
         runtime.generate(tiny)
     assert f"{minimum:.2f}" in str(e.value) and "--best-effort" in str(e.value)
     images, rep = runtime.generate(tiny, best_effort=True)
-    assert rep.steps == 1 and images.shape[0] == 1
+    assert rep.steps == rep.planned_steps == 1 and images.shape[0] == 1
+    assert rep.exit_reason == "best-effort"          # answered anyway, and said so
 
 
 def test_bad_inputs(runtime):

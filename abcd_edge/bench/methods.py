@@ -101,7 +101,7 @@ def plan_methods(sess: TierSession, spec: GridSpec, budget_ms: float, sampler: s
     cm = sess.base.cost_model(batch, sampler)
     k99, k50 = budget_k(sess, budget_ms, batch, sampler)
     p99 = cm.next_step_ms()
-    p50 = cm.step_p50_ms + cm.sampler_p50_ms
+    p50 = cm.median_step_ms
     plans: list[Plan] = []
     for m in spec.methods:
         for rho in spec.rhos(m):

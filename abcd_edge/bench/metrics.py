@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from abcd_edge.bench.grid import ALL_RHO, BASELINES, METHODS, REF_N, REF_SEED
-from abcd_edge.bench.store import (RESULTS_CSV, FEATURES_DIR, block_key, cost_terms, load_on_time_features,
+from abcd_edge.bench.store import (RESULTS_CSV, FEATURES_DIR, block_key, load_on_time_features,
                                    read_csv, stream_key)
 from abcd_edge.core.budget import parse_budget
 from abcd_edge.errors import UserError
@@ -97,13 +97,6 @@ def pooled_cost_error(terms: Iterable[tuple[float, int, int]]) -> tuple[float | 
     for ape_sum, steps, covered in terms:
         s, n, c = s + ape_sum, n + steps, c + covered
     return (s / n, c / n) if n else (None, None)
-
-
-def cost_predictor_error(predicted: Sequence[float], measured: Sequence[float]) -> tuple[float | None, float | None]:
-    """(MAPE of predicted vs measured step ms, share of steps whose measured time <= predicted) of one request,
-    from the same terms results.csv stores."""
-    terms = cost_terms(predicted, measured)
-    return pooled_cost_error([terms] if terms is not None else [])
 
 
 def fid_pool(fid_fn: Callable[[np.ndarray], float], parts: list[np.ndarray]) -> float | None:

@@ -29,10 +29,7 @@ def train_ays(state: CalibrationState) -> dict:
             sigmas = sigmas_from_density(density, n, spec.log_sigma_min, spec.log_sigma_max, xp=torch)
             kl = (density * (density / anchor).log()).sum()
             loss = rollout_mse(state, sampler, sigmas).log() + cfg.l1_kl * kl
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            bar.update(1)
+            state.optimiser_step(opt, loss, None, bar)
         density = logits.softmax(0).detach().numpy()
         sig = sigmas_from_density(density, n, spec.log_sigma_min, spec.log_sigma_max)
         table.setdefault(sampler, {})[str(n)] = {"density": density.tolist(), "sigmas": sig.tolist()}

@@ -6,18 +6,11 @@ import numpy as np
 
 from abcd_edge.calibrate.state import CalibrationState
 from abcd_edge.calibrate.traces import step_distances
-from abcd_edge.runtime.cost import GUARD_SLACK_MS, CostModel
 
 VALIDATION_STEPS = (3, 5, 10, 20)
 EXIT_BUDGET_MS = 1000.0
 EXIT_RHOS = (0.3, 0.6, 0.9, 1.0)
 EXIT_IMAGES = 16
-
-
-def budget_for_steps(cost: CostModel, n: int) -> float:
-    """A budget in which n steps fit at the tail with half a step to spare (the context a validation run
-    of n steps is planned for): finishing tail + slack + (n + 0.5) next-step tails."""
-    return cost.finish_tail_ms + GUARD_SLACK_MS + (n + 0.5) * cost.next_step_ms()
 
 
 def validate_schedules(state: CalibrationState, ays: dict) -> dict:
@@ -33,7 +26,7 @@ def validate_schedules(state: CalibrationState, ays: dict) -> dict:
     for sampler in state.cfg.samplers:
         cost = prof.cost_model(sampler)
         for n in VALIDATION_STEPS:
-            ctx = state.context(budget_for_steps(cost, n), prof, 1.0)
+            ctx = state.context(cost.budget_for(n), prof, 1.0)
             schedules = {"learned": ctl.plan_sigmas(ctx, SAMPLER_DESCRIPTORS[sampler], n),
                          "uniform": time_uniform_sigmas(state.schedule, n), "karras": karras_sigmas(state.schedule, n),
                          "logsnr": logsnr_uniform_sigmas(state.schedule, n)}

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from abcd_edge import paths
+from abcd_edge.core.budget import context_vector
 from abcd_edge.core.noise import NoiseSchedule
 from abcd_edge.errors import UserError
 from abcd_edge.formats.controller import Controller, ControllerSpec
@@ -199,12 +200,18 @@ class CalibrationState:
         return self.data
 
     @staticmethod
-    def optimiser_step(opt, loss, losses: list[float], bar) -> None:
-        """One Adam step on ``loss``, its value recorded in ``losses`` and the progress bar advanced."""
+    def optimiser_step(opt, loss, losses: list[float] | None, bar, clip: tuple[Any, float] | None = None) -> None:
+        """One optimiser step on ``loss`` (gradients of ``clip[0]`` clipped to norm ``clip[1]`` first), its value
+        recorded in ``losses`` and the progress bar advanced."""
+        import torch
+
         opt.zero_grad()
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(*clip)
         opt.step()
-        losses.append(loss.item())
+        if losses is not None:
+            losses.append(loss.item())
         bar.update(1)
 
     def bar(self, total: int, desc: str):
@@ -217,7 +224,7 @@ class CalibrationState:
 
     def context(self, budget_ms: float, profile: CalibrationProfile, rho: float) -> list[float]:
         """c = [log B, log F, rho]."""
-        return [math.log(budget_ms), math.log(profile.flops_per_s), rho]
+        return context_vector(budget_ms, profile.flops_per_s, rho)
 
     def sample_context(self) -> tuple[str, CalibrationProfile, float, float, int]:
         """(sampler, profile, budget ms, rho, steps that fit) for a feasible random context."""

@@ -70,12 +70,7 @@ def train_weights(state: CalibrationState) -> None:
         w = density / density.sum()
         kl = (w * (w / anchor).log()).sum()
         loss = mse.log() + cfg.l1_kl * kl
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.wg.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        bar.update(1)
+        state.optimiser_step(opt, loss, losses, bar, clip=(model.wg.parameters(), 1.0))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         if (it + 1) % 25 == 0 or it + 1 == cfg.wg_iters:
             with atomic_path(state.ckpt_file("model.safetensors")) as p:

@@ -1,7 +1,7 @@
 """Finishing: the x0 estimate (model space, float NCHW in [-1, 1]) -> uint8 images -> PNG.
 
-numpy + Pillow only: the runtime finishes every request with these, the
-profiler times them, the bench scores their output.
+numpy + Pillow only: the runtime finishes every request with these,
+profiling times them, the bench scores their output.
 """
 from __future__ import annotations
 

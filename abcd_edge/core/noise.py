@@ -59,7 +59,7 @@ def _cosine_betas(steps: int, max_beta: float = 0.999) -> np.ndarray:
                     dtype=np.float32)
 
 
-def _karras_ramp(ramp: np.ndarray, sigma_min: float, sigma_max: float, rho: float) -> np.ndarray:
+def karras_ramp(ramp: np.ndarray, sigma_min: float, sigma_max: float, rho: float) -> np.ndarray:
     """Karras et al. (2022) eq. 5: sigma at ramp in [0, 1], sigma_max at 0 and sigma_min at 1."""
     max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
@@ -101,7 +101,7 @@ class NoiseSchedule:
         steps = int(cfg.get("num_train_timesteps", 1000))
         if "beta_schedule" not in cfg and "rho" in cfg:
             ramp = 1 - np.arange(steps) / (steps - 1)  # train step t has the CM's sigma at ramp 1 - t/(T-1)
-            sigmas = _karras_ramp(ramp, cfg.get("sigma_min", 0.002), cfg.get("sigma_max", 80.0), cfg["rho"])
+            sigmas = karras_ramp(ramp, cfg.get("sigma_min", 0.002), cfg.get("sigma_max", 80.0), cfg["rho"])
             return cls(1 / (1 + sigmas ** 2), clip)
         if cfg.get("rescale_betas_zero_snr"):
             raise ValueError("rescale_betas_zero_snr=True gives an infinite sigma_max; such schedules are not "

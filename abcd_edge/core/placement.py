@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from abcd_edge.core.noise import NoiseSchedule, _karras_ramp, constant_like
+from abcd_edge.core.noise import NoiseSchedule, constant_like, karras_ramp
 
 STATIC_PLACEMENTS = ("uniform", "karras", "logsnr")
 KARRAS_RHO = 7.0
@@ -54,8 +54,7 @@ def static_placement(kind: str, schedule: NoiseSchedule) -> Placement:
     if kind == "logsnr":
         return Placement("logsnr", lambda u: np.exp(hi - u * (hi - lo)))
     if kind == "karras":              # Karras et al.'s ramp, at u (the last step above sigma_min)
-        a, b = schedule.sigma_max ** (1 / KARRAS_RHO), schedule.sigma_min ** (1 / KARRAS_RHO)
-        return Placement("karras", lambda u: (a + u * (b - a)) ** KARRAS_RHO)
+        return Placement("karras", lambda u: karras_ramp(u, schedule.sigma_min, schedule.sigma_max, KARRAS_RHO))
     raise ValueError(f"placement {kind!r} is not one of {', '.join(STATIC_PLACEMENTS)}")
 
 
@@ -75,7 +74,7 @@ def time_uniform_sigmas(schedule: NoiseSchedule, n: int) -> np.ndarray:
 
 def karras_sigmas(schedule: NoiseSchedule, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. (2022) spacing from sigma_max to sigma_min inclusive, as k-diffusion's get_sigmas_karras."""
-    return _karras_ramp(np.linspace(0, 1, n), schedule.sigma_min, schedule.sigma_max, rho)
+    return karras_ramp(np.linspace(0, 1, n), schedule.sigma_min, schedule.sigma_max, rho)
 
 
 def logsnr_uniform_sigmas(schedule: NoiseSchedule, n: int) -> np.ndarray:

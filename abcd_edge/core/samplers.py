@@ -8,7 +8,7 @@ The runtime loop is the same for all of them::
         sample, t = sampler.model_input(x, i)
         x, x0_hat = sampler.step(x, i, denoiser(sample, t), noise=fresh_noise)  # x0_hat: the anytime image
 
-Conventions (see schedules.py for sigma):
+Conventions (see core/noise.py for sigma):
 
 - The state x is sampler-private. DDIM and DPM-Solver++ keep the VP state
   x = alpha * (x0 + sigma * eps) with alpha = 1 / sqrt(1 + sigma^2), as diffusers does; Euler and

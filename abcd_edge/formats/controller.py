@@ -3,7 +3,7 @@
 Three small MLPs (about 17k parameters together):
 
 * weight generator  (c, z)  -> softplus importance density over K bins of log-sigma;
-  n steps are placed by inverse CDF (``schedules.sigmas_from_density``);
+  n steps are placed by inverse CDF (``core.placement.sigmas_from_density``);
 * exit policy       h_t     -> p_stop, h_t = [log sigma_t, log ||x0_t - x0_{t-1}||^2,
   t/n, elapsed/B, c, z]; thresholded at run time (Gumbel-sigmoid in training);
 * cost predictor    f       -> log of the tail (p99) latency of the next step and of

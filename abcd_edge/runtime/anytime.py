@@ -34,8 +34,9 @@ class AnytimeRules:
         return self.plan.best_effort and i == 0
 
     def before_step(self, i: int, sampler: Sampler) -> str | None:
-        self._pending = (self.cost.next_step_ms(), self.cost.step_p50_ms * self.cost.correction)
-        if not self._exempt(i) and not self.cost.may_start(self.clock.elapsed_ms(), self.plan.limit_ms):
+        tail = self.cost.next_step_ms()
+        self._pending = (tail, self.cost.step_p50_ms * self.cost.correction)
+        if not self._exempt(i) and not self.cost.may_start(self.clock.elapsed_ms(), self.plan.limit_ms, tail):
             return "budget"
         return None
 

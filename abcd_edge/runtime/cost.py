@@ -66,13 +66,19 @@ class CostModel:
         tail = max(self.step_tail_ms * self.correction, self.step_p50_ms * self.observed_tail_ratio)
         return tail + self.sampler_tail_ms + self.decision_tail_ms
 
+    @property
+    def median_step_ms(self) -> float:
+        """A step at its p50 (denoiser + sampler), no margin: BuCo-MWG's frozen surrogate."""
+        return self.step_p50_ms + self.sampler_p50_ms
+
     def minimum_ms(self) -> float:
         """The smallest achievable response: one step + finishing at the tail, and the guard's slack."""
         return self.next_step_ms() + self.finish_tail_ms + self.guard_slack_ms
 
-    def may_start(self, elapsed_ms: float, limit_ms: float) -> bool:
+    def may_start(self, elapsed_ms: float, limit_ms: float, next_step_ms: float | None = None) -> bool:
         """The hard rule: elapsed + the next step's tail + finishing + slack must fit the limit."""
-        return elapsed_ms + self.next_step_ms() + self.finish_tail_ms + self.guard_slack_ms <= limit_ms
+        tail = self.next_step_ms() if next_step_ms is None else next_step_ms
+        return elapsed_ms + tail + self.finish_tail_ms + self.guard_slack_ms <= limit_ms
 
     def guard_ms(self, limit_ms: float) -> float:
         """When a step still running must be abandoned: only finishing (and the slack) left."""
@@ -97,14 +103,17 @@ class CostModel:
         if level == "tail":
             n = int((available_ms - self.finish_tail_ms - self.guard_slack_ms) // self.next_step_ms())
         elif level == "median":
-            per = self.step_p50_ms + self.sampler_p50_ms
-            n = int((available_ms - self.finish_p50_ms - GUARD_SLACK_MS) // per)
+            n = int((available_ms - self.finish_p50_ms - GUARD_SLACK_MS) // self.median_step_ms)
         elif level == "sum":
             n = self._steps_whose_sum_fits(available_ms, cap if cap is not None else 1000)
         else:
             raise ValueError(f"level {level!r} is not one of tail, sum, median")
         n = max(n, 0)
         return n if cap is None else min(n, cap)
+
+    def budget_for(self, n: int, spare_steps: float = 0.5) -> float:
+        """The inverse of the tail level: a budget in which n steps fit with ``spare_steps`` of a step to spare."""
+        return self.finish_tail_ms + self.guard_slack_ms + (n + spare_steps) * self.next_step_ms()
 
     def _steps_whose_sum_fits(self, available_ms: float, cap: int) -> int:
         mean = self.step_mean_ms * self.correction + self.sampler_tail_ms + self.decision_tail_ms

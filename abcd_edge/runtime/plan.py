@@ -5,6 +5,7 @@ The anytime loop reads a :class:`RequestPlan`; nothing in it is recomputed per s
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,12 +49,12 @@ def check_request(rho: float, sampler: str, batch: int, placement: str) -> None:
     """Refuse a bad request argument with one line naming it and what is accepted."""
     if sampler not in SAMPLER_NAMES:
         raise UserError(f"sampler {sampler!r} is unknown; accepted: {', '.join(SAMPLER_NAMES)}")
-    if not (isinstance(rho, (int, float)) and 0.0 <= rho <= 1.0):
+    if not (isinstance(rho, numbers.Real) and 0.0 <= rho <= 1.0):
         raise UserError(f"quality {rho!r} is outside [0, 1]; 0 is fastest, 1 best")
-    if not isinstance(batch, int) or batch < 1:
-        raise UserError(f"batch {batch} must be >= 1")
+    if not isinstance(batch, numbers.Integral) or batch < 1:
+        raise UserError(f"batch {batch} must be an integer >= 1")
     if placement not in PLACEMENTS:
-        raise UserError(f"schedule {placement!r} is unknown; accepted: {', '.join(PLACEMENTS)}")
+        raise UserError(f"placement (--schedule) {placement!r} is unknown; accepted: {', '.join(PLACEMENTS)}")
 
 
 def budget_in_ms(budget: Budget, bp: BatchProfile, profile_name: str, meter: str) -> float:
@@ -80,12 +81,11 @@ def choose_placement(kind: str, schedule: NoiseSchedule, controller, context: li
     return density_placement(density, controller.spec.log_sigma_min, top)
 
 
-def plan_request(budget: Budget, *, rho: float, sampler: str, batch: int, seed: int, best_effort: bool,
-                 placement: str, bp: BatchProfile, cost: CostModel, minimum_ms: float, schedule: NoiseSchedule,
-                 controller, profile_name: str, meter: str) -> RequestPlan:
-    """Plan a request (its arguments already passed :func:`check_request`): the most steps whose *sum*
-    fits the limit, placed by the controller or a rule."""
-    limit = budget_in_ms(budget, bp, profile_name, meter)
+def plan_request(budget: Budget, limit: float, *, rho: float, sampler: str, batch: int, seed: int,
+                 best_effort: bool, placement: str, bp: BatchProfile, cost: CostModel, minimum_ms: float,
+                 schedule: NoiseSchedule, controller) -> RequestPlan:
+    """Plan a request (its arguments already passed :func:`check_request`, ``limit`` is the budget in ms):
+    the most steps whose *sum* fits the limit, placed by the controller or a rule."""
     context = context_vector(limit, bp.flops_per_s, rho) if controller is not None else None
     cap = RULE_MAX_STEPS if controller is None else schedule.num_train_timesteps
     n = max(cost.steps_that_fit(limit, level="sum", cap=cap), 1)

@@ -14,6 +14,7 @@ for the CLI::
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from abcd_edge.formats.manifest import Manifest
 from abcd_edge.formats.profile import DeviceProfile
 from abcd_edge.runtime.anytime import AnytimeRules
 from abcd_edge.runtime.cost import CostModel, OnlineCorrection
-from abcd_edge.runtime.plan import RequestPlan, check_request, plan_request
+from abcd_edge.runtime.plan import RequestPlan, budget_in_ms, check_request, plan_request
 from abcd_edge.runtime.report import REPORT_SCHEMA_VERSION, RequestReport
 
 COST_PREDICTOR_TOLERANCE = 0.25   # the predictor's step tail may differ this much from the profile's p99
@@ -57,8 +58,9 @@ class AnytimeRuntime:
         self.meter = meter if meter is not None else NoneMeter()
         self.clock = clock if clock is not None else WallClock()
         self.online = online if online is not None else OnlineCorrection()
-        self.manifest_hash, self.artifact_dir = manifest_hash, Path(artifact_dir)
-        self.profile_path, self.controller_dir = Path(profile_path), controller_dir
+        self.manifest_hash = manifest_hash
+        self.artifact_dir, self.profile_path = str(artifact_dir), str(profile_path)     # as given ("" unknown)
+        self.controller_dir = None if controller_dir is None else str(controller_dir)
         self.backend = getattr(denoiser, "backend", profile.backend)
         self.notes: list[str] = list(notes or [])
         self._predicted_tails = self._cost_predictor_tails()
@@ -178,16 +180,17 @@ class AnytimeRuntime:
              best_effort: bool = False, placement: str = "auto") -> RequestPlan:
         """Plan one request (refusing a budget below the minimum unless ``best_effort``)."""
         check_request(rho, sampler, batch, placement)
-        plan = plan_request(budget, rho=rho, sampler=sampler, batch=batch, seed=seed, best_effort=best_effort,
-                            placement=placement, bp=self.profile.for_batch(batch),
-                            cost=self.cost_model(batch, sampler), minimum_ms=self.minimum_ms(batch, sampler),
-                            schedule=self.schedule, controller=self.controller,
-                            profile_name=str(self.profile_path), meter=self.profile.power.meter)
-        if plan.below_minimum and not best_effort:
+        bp = self.profile.for_batch(batch)
+        limit = budget_in_ms(budget, bp, self.profile_path, self.profile.power.meter)
+        cost = self.cost_model(batch, sampler)
+        minimum = dataclasses.replace(cost, correction=1.0).minimum_ms()   # as minimum_ms(), from the same model
+        if limit < minimum and not best_effort:
             raise UserError(f"budget {budget} is below the smallest achievable response on this device "
-                            f"({plan.minimum_ms:.2f} ms: one step + finishing at the profile's tail); "
+                            f"({minimum:.2f} ms: one step + finishing at the profile's tail); "
                             "raise the budget or pass --best-effort")
-        return plan
+        return plan_request(budget, limit, rho=rho, sampler=sampler, batch=batch, seed=seed,
+                            best_effort=best_effort, placement=placement, bp=bp, cost=cost, minimum_ms=minimum,
+                            schedule=self.schedule, controller=self.controller)
 
     # ------------------------------------------------------------------------------------ serving
     def generate(self, budget: Budget, rho: float = 1.0, sampler: str = "ddim", seed: int = 0, batch: int = 1,
@@ -240,8 +243,8 @@ class AnytimeRuntime:
             correction=round(plan.cost.correction, 5), energy_mj=reading.energy_mj, avg_power_w=reading.avg_w,
             power_meter=reading.meter, energy_source=energy_source,
             clock="simulated (profile replay)" if clock.simulated else WALL_CLOCK_NOTE,
-            artifact=str(self.artifact_dir), manifest_hash=self.manifest_hash, profile=str(self.profile_path),
+            artifact=self.artifact_dir, manifest_hash=self.manifest_hash, profile=self.profile_path,
             profile_device=self.profile.device_id,
-            controller=str(self.controller_dir) if self.controller is not None else None,
+            controller=(self.controller_dir or "(passed in)") if self.controller is not None else None,
             notes=list(self.notes) + list(reading.warnings),
         )

@@ -36,6 +36,8 @@ def main() -> None:
     calibrate train the ABCD controller for an artifact and its profiles
     run       generate the best image that fits a latency or energy budget
     bench     the benchmark grid: ABCD vs baselines, tables and plots
+    bench-runtime    what the anytime loop achieves here (success, steps vs limit, overhead)
+    bench-schedules  feature-FID of the learned schedule vs static ones at equal steps
     info      what this machine offers (providers, TensorRT, power meters)
     """
 
@@ -84,7 +86,7 @@ def run(budget, rho, sampler, placement, seed, batch, artifact, profile, control
     if requests < 1:
         raise UserError(f"--requests {requests} must be >= 1")
     line = serve(budget=b, rho=rho, sampler=sampler, placement=placement, seed=seed, batch=batch,
-                 artifact=artifact, profile=profile, controller=None if controller == "none" else controller,
+                 artifact=artifact, profile=profile, controller=controller,
                  backend=backend, threads=threads, power=power, best_effort=best_effort, requests=requests,
                  out=Path(out), report=Path(report))
     click.echo(line)

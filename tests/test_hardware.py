@@ -132,16 +132,24 @@ def test_gpu_from_nvidia_smi_on_path(tmp_path, monkeypatch):
                    "driver": "550.54.15", "source": "nvidia-smi"}
 
 
-def test_gpu_from_nvml_stand_in(monkeypatch):
+def _nvml_stand_in(names: list, driver, calls: list, capabilities: list | None = None) -> types.ModuleType:
+    """A pynvml stand-in (its documented API) for GPUs ``names``; init/shutdown calls recorded in ``calls``."""
     mod = types.ModuleType("pynvml")
-    calls = []
     mod.nvmlInit = lambda: calls.append("init")
     mod.nvmlShutdown = lambda: calls.append("shutdown")
-    mod.nvmlDeviceGetCount = lambda: 1
+    mod.nvmlDeviceGetCount = lambda: len(names)
     mod.nvmlDeviceGetHandleByIndex = lambda i: i
-    mod.nvmlDeviceGetName = lambda h: b"Tesla T4"  # old nvidia-ml-py returns bytes
-    mod.nvmlSystemGetDriverVersion = lambda: "535.104.05"
-    monkeypatch.setitem(sys.modules, "pynvml", mod)
+    mod.nvmlDeviceGetName = lambda h: names[h]
+    mod.nvmlSystemGetDriverVersion = lambda: driver
+    if capabilities is not None:
+        mod.nvmlDeviceGetCudaComputeCapability = lambda h: capabilities[h]
+    return mod
+
+
+def test_gpu_from_nvml_stand_in(monkeypatch):
+    calls = []
+    # old nvidia-ml-py returns bytes
+    monkeypatch.setitem(sys.modules, "pynvml", _nvml_stand_in([b"Tesla T4"], "535.104.05", calls))
     gpu = hardware.gpu_info()
     assert gpu["name"] == "Tesla T4" and gpu["driver"] == "535.104.05" and gpu["source"] == "nvml"
     assert calls == ["init", "shutdown"]
@@ -164,16 +172,9 @@ def test_gpu_compute_capability_and_detect_gpu_from_nvidia_smi(tmp_path, monkeyp
 def test_detect_gpu_from_nvml_stand_in(monkeypatch):
     from abcd_edge.device.tensorrt import detect_gpu
 
-    mod = types.ModuleType("pynvml")
     calls = []
-    mod.nvmlInit = lambda: calls.append("init")
-    mod.nvmlShutdown = lambda: calls.append("shutdown")
-    mod.nvmlDeviceGetCount = lambda: 2
-    mod.nvmlDeviceGetHandleByIndex = lambda i: i
-    mod.nvmlDeviceGetName = lambda h: ["NVIDIA A10G", "NVIDIA T4"][h]
-    mod.nvmlSystemGetDriverVersion = lambda: b"535.104.05"
-    mod.nvmlDeviceGetCudaComputeCapability = lambda h: [(8, 6), (7, 5)][h]
-    monkeypatch.setitem(sys.modules, "pynvml", mod)
+    monkeypatch.setitem(sys.modules, "pynvml", _nvml_stand_in(["NVIDIA A10G", "NVIDIA T4"], b"535.104.05", calls,
+                                                              [(8, 6), (7, 5)]))
     assert detect_gpu() == {"gpu_name": "NVIDIA A10G", "compute_capability": "8.6", "how": "nvml"}
     assert calls == ["init", "shutdown"] * 2     # gpu_info, then the compute capability; each shuts NVML down
 

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/abcd-edge
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test export profile calibrate bench bench-runtime demo-model featurenet evaluate-demo clean
+.PHONY: install run test export profile calibrate calibrate-ays bench bench-runtime bench-schedules demo-model featurenet evalnet evaluate-demo clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ featurenet: $(STAMP)
 	$(PY) -m abcd_edge.demo.featurenet --out export/featurenet
 	$(PY) -m abcd_edge.demo.reference --seed 4321 --n 2048
 
+## the evaluation feature network: another seed and architecture, the judge calibration never optimises against
+evalnet: $(STAMP)
+	$(PY) -m abcd_edge.demo.featurenet --out export/evalnet --images 30000 --heldout 2000 --steps 2000 --batch 128 --lr 0.002 --threads 1 --seed 1 --widths 24,48,96,192 --depths 1,2,1,1
+	$(PY) -m abcd_edge.demo.reference --seed 8765 --n 2048 --featurenet export/evalnet
+
 ## the evidence that the demo model is real: feature-FID vs steps + sample grid
 evaluate-demo: $(STAMP)
 	$(PY) -m abcd_edge.demo.evaluate --out export/demo-model
@@ -43,14 +48,25 @@ profile: $(STAMP)
 	$(CLI) profile --artifact export/demo --backend ort-cpu --threads 2 --batch 1,4 --runs 300 --out profiles/cpu-2t.json
 	$(CLI) profile --artifact export/demo --backend ort-cpu --threads 1 --batch 1,4 --runs 300 --out profiles/cpu-1t.json
 
+## search, fit and gate the controller (keeps calibration/demo/ays.json; SEED=1 for a second run)
+SEED ?= 0
+CALIBRATION_OUT ?= calibration/demo
 calibrate: $(STAMP)
-	$(CLI) calibrate --artifact export/demo --profile profiles/cpu-2t.json --profile profiles/cpu-1t.json --samplers ddim,dpmpp-2m,euler --out calibration/demo
+	$(CLI) calibrate --artifact export/demo --profile profiles/cpu-2t.json --profile profiles/cpu-1t.json --samplers ddim,dpmpp-2m,euler --seed $(SEED) --out $(CALIBRATION_OUT)
+
+## the same, also retraining the AYS-like baseline the bench compares with (slow)
+calibrate-ays: $(STAMP)
+	$(CLI) calibrate --artifact export/demo --profile profiles/cpu-2t.json --profile profiles/cpu-1t.json --samplers ddim,dpmpp-2m,euler --seed $(SEED) --ays --out $(CALIBRATION_OUT)
 
 bench: $(STAMP)
 	$(CLI) bench --grid quick --out bench/quick
 
 bench-runtime: $(STAMP)
 	$(CLI) bench-runtime --out bench/runtime
+
+## ABCD's placement vs every static one at fixed step counts (1,024 held-out images, evaluation net)
+bench-schedules: $(STAMP)
+	$(CLI) bench-schedules --samplers ddim --steps 3,5,8,13,20 --samples 1024
 
 clean:
 	rm -rf out .pytest_cache

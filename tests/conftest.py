@@ -2,9 +2,14 @@
 fixed profiles, a short real calibration, and ``StepClock`` (a fake clock for deterministic exit-rule tests)."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# caches the code under test writes (quick profiles, the gate's static features) go to a throw-away folder
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="abcd-edge-test-cache-")
 
 
 class StepClock:
@@ -109,17 +114,36 @@ def fixed_profile(tiny_profile, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def calibrated(tiny_artifact, tiny_model_dir, fixed_profile, tmp_path_factory):
-    """A short real calibration of the tiny artifact: (folder, report)."""
-    from diffusers import UNet2DModel
+def tiny_feature_nets(tmp_path_factory) -> tuple[Path, Path]:
+    """Two small untrained feature networks for 8x8 images (another seed and width each), exported to ONNX
+    with their reference statistics, as calibration reads them: (calibration net, evaluation net)."""
+    import torch
 
+    from abcd_edge import paths
+    from abcd_edge.demo.data import make_images
+    from abcd_edge.demo.featurenet import FeatureCNN, export_onnx
+    from abcd_edge.quality import FeatureNet, ReferenceStats
+
+    folders = []
+    for name, seed, widths, ref_seed in (("calnet", 1, (8, 16), paths.CALIBRATION_REF_SEED),
+                                         ("evalnet", 2, (12, 24), paths.EVAL_REF_SEED)):
+        torch.manual_seed(seed)
+        folder = tmp_path_factory.mktemp(name)
+        export_onnx(FeatureCNN(widths=widths, depths=(1, 1), groups=4), folder / "featurenet.onnx", resolution=8)
+        ReferenceStats.load_or_compute(ref_seed, paths.REF_N, FeatureNet(folder), cache_dir=folder, resolution=8,
+                                       images=make_images)
+        folders.append(folder)
+    return folders[0], folders[1]
+
+
+@pytest.fixture(scope="session")
+def calibrated(tiny_artifact, fixed_profile, tiny_feature_nets, tmp_path_factory):
+    """A short real calibration of the tiny artifact: (folder, report)."""
     from abcd_edge.calibrate import CalibrationConfig, calibrate
 
-    unet = UNet2DModel.from_pretrained(tiny_model_dir / "unet").eval().requires_grad_(False)
     out = tmp_path_factory.mktemp("cal") / "tiny"
-    cfg = CalibrationConfig(samplers=("ddim",), train_noises=16, val_noises=8, wg_iters=40, wg_batch=4,
-                            n_train_max=4, trace_contexts=12, trace_batch=4, trace_max_steps=8, policy_iters=40,
-                            cost_iters=60, ays_steps=(3,), ays_iters=5, threads=1)
-    report = calibrate(tiny_artifact, [fixed_profile], out, cfg, progress=False, command="pytest: tiny calibration",
-                       unet=unet)
+    cfg = CalibrationConfig(samplers=("ddim",), search_noises=16, search_steps=(2, 3, 5), gate_noises=16,
+                            wg_iters=60, cost_iters=60, threads=1, calibration_net=str(tiny_feature_nets[0]),
+                            evaluation_net=str(tiny_feature_nets[1]))
+    report = calibrate(tiny_artifact, [fixed_profile], out, cfg, progress=False, command="pytest: tiny calibration")
     return out, report

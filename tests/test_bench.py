@@ -208,7 +208,9 @@ def _write_controller(folder, manifest_hash, ays=None):
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in ctrl.weights.items()}, str(folder / "controller.safetensors"))
     meta = dict(schema_version=SCHEMA_VERSION, spec=spec.__dict__, manifest_hash=manifest_hash, artifact="tiny",
-                samplers=["ddim"], profiles=[], n_parameters=spec.n_parameters(), created_utc="now", notes={})
+                samplers=["ddim"], profiles=[], n_parameters=spec.n_parameters(), created_utc="now", notes={},
+                gate={"steps": {"ddim": [5, 10, 20]}, "placements": {"ddim": ["learned", "uniform", "learned"]},
+                      "fid": {"ddim": [20.0, 10.0, 8.0]}})
     (folder / "controller.json").write_text(json.dumps(meta))
     if ays is not None:
         (folder / "ays.json").write_text(json.dumps(ays))
@@ -294,10 +296,13 @@ def test_each_baseline_obeys_its_step_rule(replay_session):
     assert len(chosen) == 1 and 1 <= chosen[0] <= k50 and r.steps == chosen[0]
     assert r.exit_reason == ("oracle" if r.deadline_met else "oracle-none-fit")
     assert r.latency_ms <= b or not r.deadline_met
-    # abcd: the runtime with the controller (schedule "controller"). Its latency is not asserted: the replay
-    # clock charges real time outside the steps (scaled), and a loaded test machine can stall for 10s of ms.
+    # abcd: the runtime with the controller (the placement its gate validated for the planned n). Its latency is
+    # not asserted: the replay clock charges real time outside the steps (scaled), and a loaded test machine
+    # can stall for 10s of ms.
     r = methods.execute(sess, plans[("abcd", 0.9)], b, "ddim", 1, 1, sess.clock_for("a"), None)
-    assert r.note == "controller" and 1 <= r.steps <= r.planned_steps and len(r.predicted) == r.steps
+    validated = sess.controller.gate.placement("ddim", r.planned_steps)
+    assert r.note == ("controller" if validated == "learned" else validated)
+    assert 1 <= r.steps <= r.planned_steps and len(r.predicted) == r.steps
     # the request ran on the clock it was given (a fresh stream with the same key draws the same step times),
     # not on the runtime's own clock (whose draws would have moved on)
     again = methods.execute(sess, plans[("abcd", 0.9)], b, "ddim", 1, 1, sess.clock_for("a"), None)

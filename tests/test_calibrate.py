@@ -9,7 +9,7 @@ import pytest
 
 from abcd_edge.core.budget import parse_budget
 from abcd_edge.calibrate.torch_model import torch_controller
-from abcd_edge.formats.controller import Controller, ControllerSpec, cost_features, decision_features
+from abcd_edge.formats.controller import Controller, ControllerSpec, Gate, cost_features, wg_features
 from abcd_edge.errors import UserError
 
 
@@ -26,7 +26,7 @@ def test_density_nonnegative_and_placement_monotone():
     for seed in range(5):
         rng = np.random.default_rng(seed)
         ctx, z = rng.normal(size=3).tolist(), rng.normal(size=6).tolist()
-        d = ctl.density(ctx, z)
+        d = ctl.density(ctx, z, 7)
         assert d.shape == (ctl.spec.k_bins,) and (d > 0).all()
         sig = ctl.plan_sigmas(ctx, z, 7)
         assert len(sig) == 7 and np.all(np.diff(sig) < 0)
@@ -38,14 +38,12 @@ def test_torch_numpy_twin_parity():
     model = torch_controller(ControllerSpec())
     twin = Controller(model.spec, model.numpy_weights())
     rng = np.random.default_rng(0)
-    for _ in range(5):
-        cz = rng.normal(size=(1, 9)).astype(np.float32)
-        h = decision_features(2.0, 0.01, 0.4, 0.3, cz[0, :3], cz[0, 3:])
+    for n in (1, 4, 13):
+        ctx, z = rng.normal(size=3).tolist(), rng.normal(size=6).tolist()
         f = cost_features(5.0, 6.5, 0.2, 0.3, 1, "ort-cpu", 1.1)
         with torch.no_grad():
-            d, logit, cost = model(torch.from_numpy(cz), torch.from_numpy(h), torch.from_numpy(f))
-        assert np.abs(twin.density(cz[0, :3], cz[0, 3:]) - d.numpy()[0]).max() <= 1e-5
-        assert abs(twin.p_stop(h) - torch.sigmoid(logit).item()) <= 1e-5
+            d, cost = model(torch.from_numpy(wg_features(ctx, n, z)), torch.from_numpy(f))
+        assert np.abs(twin.density(ctx, z, n) - d.numpy()[0]).max() <= 1e-5
         assert np.allclose(np.log(twin.predict_cost_ms(f)), cost.numpy()[0], atol=1e-5)
 
 
@@ -60,32 +58,62 @@ def test_inverse_cdf_placement_differentiable():
 
 
 def test_tiny_calibration_end_to_end(calibrated, tiny_artifact):
+    from abcd_edge.core.placement import STATIC_PLACEMENTS
     from abcd_edge.formats.manifest import manifest_hash
 
     out, report = calibrated
-    for name in ("controller.safetensors", "controller.json", "controller.onnx", "report.json", "curves.png", "ays.json"):
+    for name in ("controller.safetensors", "controller.json", "controller.onnx", "report.json", "curves.png",
+                 "gate.md"):
         assert (out / name).is_file(), name
+    assert not (out / "ays.json").exists()         # not asked for (--ays) and none there before
     assert report["onnx_parity_max_abs"] <= 1e-5
     ctl = Controller.load(out, manifest_hash(tiny_artifact))
     assert ctl.spec.n_parameters() == report["parameters"]
-    # training lowered the teacher distance on its own training contexts (log teacher MSE + KL)
-    losses = json.loads((out / "report.json").read_text())["final_losses"]
-    assert np.isfinite(losses["wg_loss"]) and np.isfinite(losses["policy_loss"])
-    curve = calibrated[1]["wg_curve"]
-    assert np.mean(curve[-10:]) < np.mean(curve[:10]), (curve[:10], curve[-10:])
-    assert set(report["validation_teacher_mse"]) == {"ddim/n=3", "ddim/n=5", "ddim/n=10", "ddim/n=20"}
-    for row in report["validation_teacher_mse"].values():
-        assert {"learned", "uniform", "karras", "logsnr"} <= set(row) and all(v > 0 for v in row.values())
-    assert "ays" in report["validation_teacher_mse"]["ddim/n=3"]          # ays_steps=(3,)
+    # the search never ends worse than where it started, on its own (training) objective
+    for n, row in report["search"]["ddim"].items():
+        assert row["score"] <= row["start_score"] and len(row["sigmas"]) == int(n)
+    assert np.isfinite(report["final_losses"]["wg_loss"]) and np.isfinite(report["final_losses"]["cost_loss"])
+    # the gate: per step count, a decision that is the generator only where it won beyond the CI
+    assert ctl.gate is not None and ctl.gate.steps == {"ddim": [2, 3, 5]}
+    for k, n in enumerate(ctl.gate.steps["ddim"]):
+        row = report["gate"]["ddim"][str(n)]
+        assert {"learned", "searched", *STATIC_PLACEMENTS} <= set(row)
+        won = row["fid_minus_best_static_ci95"][1] < 0
+        assert ctl.gate.placements["ddim"][k] == ("learned" if won else row["best_static"])
+        assert row["best_static"] == min(STATIC_PLACEMENTS, key=lambda p: row[p]["fid"])
+        assert ctl.gate.fid["ddim"][k] == pytest.approx(row[ctl.gate.placements["ddim"][k]]["fid"], rel=1e-3)
     # report.json is written once, complete: what calibrate() returned, with the command that ran it
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert on_disk["command"] == "pytest: tiny calibration"
-    assert set(on_disk["exit_behaviour"]) == {"0.3", "0.6", "0.9", "1.0"}
-    for row in on_disk["exit_behaviour"].values():
-        assert row["planned_steps"] == 8 and 1 <= row["mean_steps"] <= row["planned_steps"]   # trace_max_steps
+    for key, row in on_disk["exit_behaviour"].items():
+        fit, rho = int(key.split("/")[0].split("=")[1]), float(key.split("=")[-1])
+        assert 1 <= row["steps"] <= fit and row["steps"] == ctl.gate.exit_steps("ddim", fit, rho)
+        if rho == 1.0:
+            assert row["steps"] == fit and row["fid_ratio"] == 1.0
     assert set(on_disk["cost_predictor"]) == {"fixed"}
     assert not (out.parent / f".{out.name}.ckpt").exists()              # checkpoints removed once written
+
+
+def test_gate_placement_and_exit_rule():
+    gate = Gate(steps={"ddim": [2, 4, 8, 16]}, placements={"ddim": ["learned", "uniform", "learned", "logsnr"]},
+                fid={"ddim": [40.0, 20.0, 10.0, 8.0]}, exit_kappa=0.3)
+    # the nearest validated step count in log n (3 is nearer 4 than 2; 6 nearer 8 than 4)
+    assert [gate.placement("ddim", n) for n in (1, 2, 3, 5, 6, 11, 12, 40)] == [
+        "learned", "learned", "uniform", "uniform", "learned", "learned", "logsnr", "logsnr"]
+    assert gate.placement("euler", 4) is None
+    assert gate.expected_fid("ddim", 4) == pytest.approx(20.0)
+    assert gate.expected_fid("ddim", 100) == pytest.approx(8.0)          # flat beyond what was measured
+    # rho = 1 takes every step that fits; below, the fewest within (1 + 0.3 (1 - rho)) of the full plan
+    assert gate.exit_steps("ddim", 16, 1.0) == 16
+    steps = [gate.exit_steps("ddim", 16, rho) for rho in (0.0, 0.3, 0.5, 0.8, 0.95, 1.0)]
+    assert steps == sorted(steps) and steps[0] < 16
+    for rho, n in zip((0.0, 0.3, 0.5, 0.8, 0.95), steps):
+        assert gate.expected_fid("ddim", n) <= 8.0 * (1 + 0.3 * (1 - rho)) + 1e-9
+        assert n == 2 or gate.expected_fid("ddim", n - 1) > 8.0 * (1 + 0.3 * (1 - rho))
+    assert gate.exit_steps("ddim", 2, 0.0) == 2 and gate.exit_steps("ddim", 1, 0.0) == 1
+    assert gate.exit_steps("euler", 16, 0.0) == 16                      # no validated curve: no early exit
+    assert Gate.from_json(json.loads(json.dumps(gate.to_json()))) == gate
 
 
 def test_controller_from_another_artifact_refused(calibrated):
@@ -101,18 +129,20 @@ def test_runtime_uses_controller_and_keeps_hard_rule(calibrated, tiny_artifact, 
     rt = AnytimeRuntime.open(tiny_artifact, profile=fixed_profile, controller=out, threads=1, power="none",
                         clock=step_clock(3.0))
     _, rep = rt.generate(parse_budget("40ms"), rho=1.0)
-    assert rep.schedule == "controller" and rep.controller is not None
-    # rho = 1 asks for every step the budget allows: the exit policy is not consulted
+    ctl = Controller.load(out)
+    validated = ctl.gate.placement("ddim", rep.planned_steps)
+    assert rep.schedule == ("controller" if validated == "learned" else validated) and rep.controller is not None
+    # rho = 1 asks for every step the budget allows
     assert rep.latency_ms <= 40 and rep.exit_reason in ("budget", "done") and rep.steps >= 1
 
 
 def test_torch_rollout_is_the_onnx_loop_with_gradients(tiny_artifact, tiny_model_dir):
-    """The weight generator's rollout (the one step loop over torch tensors, through TorchDenoiser) gives
+    """The AYS-like baseline's rollout (the one step loop over torch tensors, through TorchDenoiser) gives
     the ONNX Runtime result from the same noise and sigmas, and a gradient for every sigma."""
     import torch
     from diffusers import UNet2DModel
 
-    from abcd_edge.calibrate.weights import TorchDenoiser
+    from abcd_edge.calibrate.ays import TorchDenoiser
     from abcd_edge.core.loop import run_steps, sample
     from abcd_edge.core.noise import NoiseSchedule
     from abcd_edge.core.placement import time_uniform_sigmas
@@ -137,9 +167,9 @@ def test_torch_rollout_is_the_onnx_loop_with_gradients(tiny_artifact, tiny_model
 
 
 def test_validation_budgets_fit_their_steps_by_the_cost_model(tiny_artifact, fixed_profile):
-    """Calibration asks the runtime's CostModel how many steps fit; the budget each validation run of n
+    """Calibration asks the runtime's CostModel how many steps fit; the budget each gated run of n
     steps is planned for fits exactly n static steps at the tail (and one more does not)."""
-    from abcd_edge.calibrate.evaluate import VALIDATION_STEPS
+    from abcd_edge.calibrate.state import SEARCH_STEPS
     from abcd_edge.calibrate.state import CalibrationProfile
     from abcd_edge.formats.manifest import manifest_hash
     from abcd_edge.formats.profile import load_profile
@@ -149,9 +179,8 @@ def test_validation_budgets_fit_their_steps_by_the_cost_model(tiny_artifact, fix
     raw = load_profile(fixed_profile)
     for sampler in ("ddim", "dpmpp-2m", "euler"):
         cost = prof.cost_model(sampler)
-        assert cost == CostModel.from_profile(raw.for_batch(1), sampler,
-                                              decision_tail_ms=raw.controller_decision.p99_ms)
-        for n in VALIDATION_STEPS:
+        assert cost == CostModel.from_profile(raw.for_batch(1), sampler)
+        for n in SEARCH_STEPS:
             budget = cost.budget_for(n)
             assert prof.steps_that_fit(budget, sampler) == cost.steps_that_fit(budget, level="tail") == n
             assert prof.steps_that_fit(budget + cost.next_step_ms(), sampler) == n + 1

@@ -20,7 +20,7 @@ RHO_FREE = ("uniform", "karras", "logsnr", "ays", "oracle")
 BENCH_SAMPLERS = ("ddim", "dpmpp-2m", "euler", "consistency")
 TIER_KINDS = ("real", "busy", "replay")
 ALL_RHO = "all"
-REF_SEED, REF_N = 4321, 2048     # feature-FID reference: the generator's data, seed 4321, 2048 images
+REF_SEED, REF_N = paths.EVAL_REF_SEED, paths.REF_N   # feature-FID reference: generator data (evaluation net's)
 
 
 @dataclass
@@ -65,7 +65,7 @@ class GridSpec:
 
 GRIDS: dict[str, dict] = {
     # 2 real tiers x 2 budgets x 1 sampler x 2 rho x 4 seeds; 256 images per setting = 64 batch-4 requests
-    "quick": dict(tiers=["@real"], budgets=["50ms", "150ms"], samplers=["ddim"], quality=[0.6, 0.9],
+    "quick": dict(tiers=["@real"], budgets=["200ms", "600ms"], samplers=["ddim"], quality=[0.6, 0.9, 1.0],
                   methods=list(METHODS), seeds=4, samples=256, batch=4, teacher_steps=200),
     # the seed's grid: 4 tiers x 3 budgets x 3 samplers x 2 rho x 10 seeds; 280 images per setting
     "full": dict(tiers=["@real", "@busy", "@replay"], budgets=["50ms", "150ms", "1s"],

@@ -11,8 +11,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from abcd_edge import paths
 from abcd_edge.bench.grid import ALL_RHO, BASELINES, METHODS, REF_N, REF_SEED
-from abcd_edge.bench.store import (RESULTS_CSV, FEATURES_DIR, block_key, load_on_time_features,
+from abcd_edge.bench.store import (RESULTS_CSV, FEATURES_DIR, block_key, load_features,
                                    read_csv, stream_key)
 from abcd_edge.core.budget import parse_budget
 from abcd_edge.errors import UserError
@@ -32,21 +33,23 @@ class Quality:
 
     @classmethod
     def default(cls, resolution: int, ref_seed: int = REF_SEED, ref_n: int = REF_N) -> tuple["Quality | None", str]:
-        """The shipped feature net and its committed reference statistics, or (None, why not)."""
+        """The evaluation feature net (``export/evalnet``: never what calibration optimises) and its committed
+        reference statistics, or (None, why not)."""
         from threadpoolctl import threadpool_limits
 
         from abcd_edge.quality import FeatureNet, ReferenceStats
 
         try:
-            net = FeatureNet()
+            net = FeatureNet(paths.EVALNET_DIR)
         except UserError as exc:
             return None, f"feature-FID not measured: {exc}"
         if isinstance(net.height, int) and net.height != resolution:
             return None, (f"feature-FID not measured: the feature net takes {net.height}x{net.width} images, "
                           f"the artifact makes {resolution}x{resolution}")
         with threadpool_limits(limits=1, user_api="blas"):
-            ref = ReferenceStats.load_or_compute(ref_seed, ref_n, net, resolution=resolution)
-        return cls(net.features, ref.fid_to_reference, f"feature-FID (export/featurenet sha256 {net.sha256[:12]}, "
+            ref = ReferenceStats.load_or_compute(ref_seed, ref_n, net, cache_dir=paths.EVALNET_DIR,
+                                                 resolution=resolution)
+        return cls(net.features, ref.fid_to_reference, f"feature-FID (evaluation net export/evalnet sha256 {net.sha256[:12]}, "
                    f"reference: generator data seed {ref_seed}, n={ref_n})"), ""
 
 
@@ -129,6 +132,8 @@ class Cell:
     success_ci: tuple | None = None
     fid: float | None = None
     fid_ci: tuple | None = None
+    fid_all: float | None = None        # every image, late ones included: quality on a loaded machine
+    fid_all_ci: tuple | None = None
     n_on_time: int = 0
     n_refused: int = 0
     util: float | None = None
@@ -188,12 +193,17 @@ def _fill_cell(cell: Cell, rs: list[dict], quality_fid, feat_dir: Path, setting:
     en = [_f(r["energy_mj"]) for r in ok if _f(r["energy_mj"]) is not None]
     cell.energy = float(np.mean(en)) if en else None
     if quality_fid is not None:
-        per_seed = [f for f in (load_on_time_features(feat_dir, block_key(*setting, s), stream) for s in seeds)
-                    if f is not None]
-        if per_seed:
-            cell.n_on_time = int(sum(len(p) for p in per_seed))
-            cell.fid = fid_pool(quality_fid, per_seed)
-            cell.fid_ci = bootstrap_ci(per_seed, lambda g: fid_pool(quality_fid, g), n_boot=BOOTSTRAP_FID, seed=3)
+        for on_time_only in (True, False):
+            per_seed = [f for f in (load_features(feat_dir, block_key(*setting, s), stream, on_time_only)
+                                    for s in seeds) if f is not None]
+            if not per_seed:
+                continue
+            fid = fid_pool(quality_fid, per_seed)
+            ci = bootstrap_ci(per_seed, lambda g: fid_pool(quality_fid, g), n_boot=BOOTSTRAP_FID, seed=3)
+            if on_time_only:
+                cell.n_on_time, cell.fid, cell.fid_ci = int(sum(len(p) for p in per_seed)), fid, ci
+            else:
+                cell.fid_all, cell.fid_all_ci = fid, ci
 
 
 def predictor_errors(out: Path) -> list[dict]:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from abcd_edge.bench.grid import METHODS
-from abcd_edge.bench.store import RESULTS_CSV, read_csv, slug
+from abcd_edge.bench.store import EXAMPLES_DIR, RESULTS_CSV, example_name, read_csv, slug
 
 
 def make_plots(out: Path, cells: list[dict]) -> list[str]:
@@ -107,4 +107,38 @@ def make_plots(out: Path, cells: list[dict]) -> list[str]:
         fig.savefig(out / "utilisation.png", dpi=90)
         plt.close(fig)
         made.append("utilisation.png")
+    picture = side_by_side(out, cells, plt)
+    if picture:
+        made.append(picture)
     return made
+
+
+def side_by_side(out: Path, cells: list[dict], plt) -> str | None:
+    """examples.png: one seed's image at each budget, time-uniform above ABCD (rho = the grid's highest),
+    one block of rows per tier; the cell's feature-FID under each picture."""
+    folder = Path(out) / EXAMPLES_DIR
+    tiers = list(dict.fromkeys(c["tier"] for c in cells))
+    budgets = sorted({(c["budget_ms"], c["budget"]) for c in cells})
+    rho = max(c["rho"] for c in cells)
+    rows = [(t, m) for t in tiers for m in ("uniform", "abcd")]
+    if not any((folder / example_name(t, b, m)).is_file() for t, m in rows for _, b in budgets):
+        return None
+    fig, axes = plt.subplots(len(rows), len(budgets), figsize=(2.2 * len(budgets), 2.4 * len(rows)), squeeze=False)
+    look = {(c["tier"], c["budget"], c["method"], c["rho"]): c for c in cells}
+    for i, (t, m) in enumerate(rows):
+        for j, (_, b) in enumerate(budgets):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            path = folder / example_name(t, b, m)
+            if path.is_file():
+                ax.imshow(plt.imread(str(path)), interpolation="nearest")
+            c = look.get((t, b, m, rho))
+            fid = f"FID {c['fid']:.1f}" if c and c.get("fid") is not None else ""
+            ax.set_title(f"{b}  {fid}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{t}\n{'time-uniform' if m == 'uniform' else f'ABCD rho={rho:g}'}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(Path(out) / "examples.png", dpi=110)
+    plt.close(fig)
+    return "examples.png"

@@ -23,7 +23,7 @@ from abcd_edge.bench.grid import GridSpec, parse_grid_args, validate_spec
 from abcd_edge.bench.load import busy_core
 from abcd_edge.bench.methods import execute, plan_methods, tune_stepdrop
 from abcd_edge.bench.metrics import Quality
-from abcd_edge.bench.store import (FEATURES_DIR, RESULTS_CSV, append_csv, block_key, make_row, prune_features,
+from abcd_edge.bench.store import (EXAMPLES_DIR, FEATURES_DIR, example_name, RESULTS_CSV, append_csv, block_key, make_row, prune_features,
                                    read_csv, row_block_key, save_block_features, stream_key, write_csv)
 from abcd_edge.bench.summary import summarize
 from abcd_edge.bench.teacher import TeacherCache
@@ -224,10 +224,11 @@ def _run_grid(spec, out: Path, resume, quality, progress, tiers, log) -> Path:
 
 def _run_tier(sess: TierSession, spec: GridSpec, todo, teacher: TeacherCache, quality: Quality | None,
               feat_dir: Path, csv_path: Path, meta: dict, bar) -> None:
-    from abcd_edge.core.images import to_model_space
+    from abcd_edge.core.images import save_png, to_model_space
     from abcd_edge.quality import teacher_distance
 
     tier, batch = sess.tier, spec.batch
+    examples = {("uniform", None), ("abcd", max(spec.quality))}
     m = sess.base.manifest
     shape = (m.channels, m.resolution, m.resolution)
     warmed = False
@@ -283,6 +284,9 @@ def _run_tier(sess: TierSession, spec: GridSpec, todo, teacher: TeacherCache, qu
                     rows.append(row(p.method, p.detail, p.rho, r, rs, "refused",
                                     note="the runtime refused: budget below its minimum"))
                     continue
+                if seed == 0 and r == 0 and (p.method, p.rho) in examples:   # the side-by-side picture
+                    save_png(res.images[:1], feat_dir.parent / EXAMPLES_DIR / example_name(tier.name, budget, p.method),
+                             scale=1)
                 td = teacher_distance(to_model_space(res.images), teach[rs])
                 rows.append(row(p.method, p.detail, p.rho, r, rs, "ok", res=res, teacher_mse=float(np.mean(td.mse)),
                                 teacher_psnr=float(np.mean(td.psnr)), note=res.note))

@@ -112,6 +112,13 @@ def make_row(tier, method: str, detail: str, budget: str, budget_ms: float, samp
 
 # ------------------------------------------------------------------------------------ features/
 
+EXAMPLES_DIR = "examples"        # the first image of seed 0 per (tier, budget) for ABCD and time-uniform
+
+
+def example_name(tier: str, budget: str, method: str) -> str:
+    return f"{slug(tier)}__{slug(budget)}__{method}.png"
+
+
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-._" else "_" for c in text)
 
@@ -144,10 +151,11 @@ def save_block_features(feat_dir: Path, block: str, feats: dict[str, list[np.nda
             np.savez(f, features=np.concatenate(fs), on_time=np.concatenate(on_time[stream]))
 
 
-def load_on_time_features(feat_dir: Path, block: str, stream: str) -> np.ndarray | None:
-    """The features of a block's on-time images for one stream; None when the file does not exist."""
+def load_features(feat_dir: Path, block: str, stream: str, on_time_only: bool = True) -> np.ndarray | None:
+    """The features of a block's images for one stream (only the on-time ones unless asked); None when the
+    file does not exist."""
     path = features_path(feat_dir, block, stream)
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as z:
-        return z["features"][z["on_time"].astype(bool)]
+        return z["features"][z["on_time"].astype(bool)] if on_time_only else z["features"]

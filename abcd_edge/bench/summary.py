@@ -62,6 +62,8 @@ def render_summary(cells: list[dict], meta: dict, preds: list[dict], wins: list[
     metrics = [
         ("Success rate (requests within B)", "success", True, "max", "success_ci"),
         ("Feature-FID of on-time images (QUB) · success", "fid", False, "min", "fid_ci"),
+        ("Feature-FID of every image, late ones included (quality on a loaded machine) · success", "fid_all",
+         False, "min", "fid_all_ci"),
         ("Latency utilisation (latency / B, all served requests)", "util", False, "min", "util_ci"),
         ("Mean denoiser steps", "steps", False, None, None),
         ("Teacher PSNR of on-time images (dB, vs the many-step DDIM)", "psnr", False, "max", None),
@@ -107,6 +109,8 @@ def render_summary(cells: list[dict], meta: dict, preds: list[dict], wins: list[
                         txt = f"**{txt}**"
                     if key == "fid":
                         txt += f" · {_fmt(c['success'], True)} (n={c['n_on_time']})"
+                    if key == "fid_all":
+                        txt += f" · {_fmt(c['success'], True)} (n={c['n_images']})"
                     if key == "success" and c.get("n_refused"):
                         txt += f" ({c['n_refused']} refused)"
                     cellstrs.append(txt)

@@ -1,12 +1,41 @@
-"""The AYS-like baseline: one static density per (sampler, n), optimised against the teacher with no
-budget conditioning (the bench's ``ays`` method). Same rollout and KL anchor as the weight generator."""
+"""The AYS-like baseline: one static density per (sampler, n), optimised against the many-step teacher
+(``calibrate.teacher``) with no budget conditioning, plus l1 * KL(w || anchor) — the bench's ``ays`` method.
+
+The n-step result of the frozen denoiser (torch) is compared with the teacher and the loss is
+backpropagated through the sampler into the sigmas and so into the density. The rollout is the
+package's one step loop (``core.loop.run_steps``) over torch tensors, through :class:`TorchDenoiser`.
+"""
 from __future__ import annotations
 
 import json
 
 from abcd_edge.calibrate.state import CalibrationState
-from abcd_edge.calibrate.weights import rollout_mse
 from abcd_edge.io import atomic_path
+
+
+class TorchDenoiser:
+    """The frozen diffusers UNet as the loop's denoiser: float32 into the UNet, float64 out,
+    differentiable in its inputs (so in the sigmas that made them)."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def __call__(self, sample, timestep):
+        return self.unet(sample.float(), timestep.float()).sample.double()
+
+
+def rollout_mse(state: CalibrationState, sampler: str, sigmas):
+    """Teacher MSE of the n-step result from a random batch of training noises, differentiable in sigmas."""
+    import torch
+
+    from abcd_edge.core.loop import run_steps
+    from abcd_edge.core.samplers import make_sampler
+
+    data = state.teachers
+    idx = torch.from_numpy(state.rng.choice(len(data.noise_train), state.cfg.wg_batch, replace=False))
+    smp = make_sampler(sampler, state.schedule, sigmas, state.manifest.prediction_type)
+    x0 = run_steps(TorchDenoiser(state.unet), smp, torch.from_numpy(data.noise_train)[idx].double()).x0
+    return ((x0 - torch.from_numpy(data.train[sampler])[idx].double()) ** 2).mean()
 
 
 def train_ays(state: CalibrationState) -> dict:

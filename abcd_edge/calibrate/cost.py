@@ -29,3 +29,16 @@ def train_cost(state: CalibrationState) -> None:
         loss = torch.maximum(q * err, (q - 1) * err).mean()
         state.optimiser_step(opt, loss, losses, bar)
     bar.close()
+
+
+def cost_error(state: CalibrationState) -> dict:
+    """Cost predictor vs each profile's measured step samples (correction 1)."""
+    ctl = state.numpy_controller()
+    out = {}
+    for p in state.profiles:
+        pred, _ = ctl.predict_cost_ms(p.cost_features(1.0))
+        s = p.step_samples_ms
+        p99 = float(np.quantile(s, 0.99))
+        out[p.name] = {"predicted_tail_ms": pred, "measured_p99_ms": p99, "coverage": float(np.mean(s <= pred)),
+                       "tail_error": float(pred / p99 - 1), "within_10pct": bool(abs(pred / p99 - 1) <= 0.10)}
+    return out

@@ -3,16 +3,15 @@
 Stages (each checkpointed, so an interrupted run resumes), one module each over a
 :class:`~abcd_edge.calibrate.state.CalibrationState`:
 
-1. ``teacher``  — for fixed training/validation noises, each sampler's own 200-step result (ONNX Runtime);
-2. ``weights``  — the weight generator, LD3/AYS-style: the n-step result of the frozen denoiser
-                  (torch) is compared with the teacher and the loss is backpropagated through the
-                  sampler into the sigmas and so into the density; plus l1 * KL(w || anchor);
-3. ``traces``   — x0 at every step for many contexts (ONNX Runtime), with the learned schedules;
-4. ``policy``   — the exit policy on the traces with the joint loss (see ``policy.policy_loss``);
-5. ``cost``     — the cost predictor on the profiles' raw step samples, pinball loss at q = 0.99;
-   ``ays``      — the AYS-like static baseline per (sampler, n);
-   ``evaluate`` — learned vs static schedules, exit behaviour, cost predictor error;
-6. ``persist``  — controller.safetensors + controller.json + controller.onnx + report.json + curves.png.
+1. ``search``  — per sampler and step count, the schedule whose images from *training* noises have
+                 the smallest feature-FID in the calibration feature network (coordinate search);
+2. ``weights`` — the weight generator, fitted to place those schedules in any context;
+3. ``gate``    — the generator against every static schedule on *held-out* noises, judged by the
+                 *evaluation* network; where it does not win beyond its CI the controller carries the
+                 best static placement; plus what rho's exit rule does there;
+4. ``cost``    — the cost predictor on the profiles' raw step samples, pinball loss at q = 0.99;
+   ``teacher`` + ``ays`` — the AYS-like static baseline per (sampler, n), only with ``cfg.ays``;
+5. ``persist`` — controller.safetensors + controller.json + controller.onnx + report.json + curves.png.
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from abcd_edge.calibrate import ays, cost, evaluate, persist, policy, teacher, traces, weights
+from abcd_edge.calibrate import ays, cost, gate, persist, search, teacher, weights
 from abcd_edge.calibrate.state import CalibrationConfig, CalibrationState
 from abcd_edge.errors import UserError
 
@@ -41,24 +40,27 @@ def _check_out(out: Path) -> None:
 def run_stages(state: CalibrationState, command: str = "") -> dict:
     """Every stage in order (the order of ``state.rng``'s draws), then the controller folder; the report."""
     t0 = time.monotonic()
-    state.data = teacher.teacher(state)
-    weights.train_weights(state)
-    trace_list = traces.traces(state)
-    policy.train_policy(state, trace_list)
+    searched = search.search_schedules(state)
+    weights.fit_generator(state, searched)
+    the_gate, gate_table = gate.run_gate(state, searched)
     cost.train_cost(state)
-    ays_table = ays.train_ays(state)
+    ays_table = None
+    if state.cfg.ays:
+        state.data = teacher.teacher(state)
+        ays_table = ays.train_ays(state)
     report = {
         "command": command, "artifact": str(state.artifact), "manifest_hash": state.manifest_hash,
         "profiles": state.profile_paths, "config": asdict(state.cfg),
         "parameters": state.spec.n_parameters(),
         "final_losses": {k: float(np.mean(v[-20:])) for k, v in state.curves.items()},
-        "wg_curve": [round(v, 5) for v in state.curves.get("wg_loss", [])],
-        "validation_teacher_mse": evaluate.validate_schedules(state, ays_table),
-        "exit_behaviour": evaluate.exit_behaviour(state),
-        "cost_predictor": evaluate.cost_error(state),
+        "feature_nets": {"calibration": state.calibration_net.sha256, "evaluation": state.evaluation_net.sha256},
+        "search": searched,
+        "gate": gate_table,
+        "exit_behaviour": gate.exit_behaviour(state, the_gate, gate_table),
+        "cost_predictor": cost.cost_error(state),
     }
     report["wall_minutes"] = round((time.monotonic() - t0) / 60, 2)
-    persist.write(state, report, ays_table)
+    persist.write(state, report, the_gate, ays_table)
     shutil.rmtree(state.ckpt, ignore_errors=True)
     return report
 

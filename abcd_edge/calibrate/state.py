@@ -2,11 +2,11 @@
 
 :class:`CalibrationState` holds the artifact (manifest, noise schedule), its device
 profiles, the controller spec and the torch module being trained, the ORT denoiser
-(fast, for fixed-schedule runs) and the torch UNet (for gradients), the run's one
-random generator, the checkpoint folder, the training curves and, once the teacher
-stage has run, the noises and teacher results (:class:`TeacherData`). Each stage
-(``teacher``, ``weights``, ``traces``, ``policy``, ``cost``, ``ays``, ``evaluate``,
-``persist``) is a module of functions over it; ``run.calibrate`` calls them in order.
+(every rollout), the two feature networks (the calibration net the search optimises
+and the evaluation net that judges) with their reference statistics, the run's one
+random generator, the checkpoint folder and the training curves. Each stage
+(``search``, ``weights``, ``gate``, ``cost``, optionally ``teacher`` + ``ays``, ``persist``)
+is a module of functions over it; ``run.calibrate`` calls them in order.
 
 The order of the random draws is part of the result: ``run`` calls the stages in a
 fixed order and each takes what it needs from ``state.rng`` in turn.
@@ -32,28 +32,35 @@ from abcd_edge.runtime.cost import CostModel
 BUDGET_RANGE_MS = (20.0, 2000.0)   # training contexts: budgets log-uniform in this range
 
 
+SEARCH_STEPS = (2, 3, 4, 5, 6, 8, 10, 13, 16, 20)   # the first sampler's
+OTHER_STEPS = (2, 3, 5, 8)                          # every other sampler's (the search costs n^2 rollout steps)
+
+
 @dataclass
 class CalibrationConfig:
     samplers: tuple[str, ...] = ("ddim", "dpmpp-2m", "euler")
-    train_noises: int = 64
-    val_noises: int = 64
-    wg_iters: int = 300
-    wg_batch: int = 8
+    search_noises: int = 96        # training noises the search scores schedules on
+    search_steps: tuple[int, ...] = SEARCH_STEPS   # the first sampler's step counts searched, fitted and gated
+    other_steps: tuple[int, ...] = OTHER_STEPS     # ... and every other sampler's
+    gate_noises: int = 256         # held-out noises the gate judges on (fixed seed)
+    wg_iters: int = 1500
     wg_lr: float = 3e-3
-    n_train_max: int = 12          # steps backpropagated through (larger budgets reuse n = 12 contexts)
-    trace_contexts: int = 120
-    trace_batch: int = 8
-    trace_max_steps: int = 40
-    policy_iters: int = 600
     cost_iters: int = 800
+    ays: bool = False              # also (re)train the AYS-like baseline (a bench method; slow)
+    train_noises: int = 64         # the AYS-like baseline's teacher noises
+    wg_batch: int = 8              # ... and its batch
     ays_steps: tuple[int, ...] = (3, 5, 8, 12, 20)
     ays_iters: int = 15
     l1_kl: float = 0.05
-    l2_budget: float = 4.0
-    l3_quality: float = 2.0
-    l4_steps: float = 0.3
     threads: int = 2
     seed: int = 0
+    calibration_net: str = str(paths.FEATURENET_DIR)   # what the search optimises (feature net folder)
+    evaluation_net: str = str(paths.EVALNET_DIR)       # what judges: never optimised against
+
+
+    def steps_for(self, sampler: str) -> tuple[int, ...]:
+        """The step counts searched, fitted and gated for ``sampler``."""
+        return tuple(self.search_steps) if sampler == self.samplers[0] else tuple(self.other_steps)
 
 
 @dataclass
@@ -63,15 +70,13 @@ class CalibrationProfile:
     name: str
     backend: str
     batch: BatchProfile
-    decision_p99_ms: float
 
     @classmethod
     def load(cls, path: Path, manifest_hash: str) -> "CalibrationProfile":
         from abcd_edge.formats.profile import load_profile
 
         prof = load_profile(path, manifest_hash)
-        return cls(name=Path(path).stem, backend=prof.backend, batch=prof.for_batch(1),
-                   decision_p99_ms=prof.controller_decision.p99_ms)
+        return cls(name=Path(path).stem, backend=prof.backend, batch=prof.for_batch(1))
 
     @property
     def flops_per_s(self) -> float:
@@ -86,8 +91,9 @@ class CalibrationProfile:
         return np.asarray(self.batch.finish.samples_ms)
 
     def cost_model(self, sampler: str) -> CostModel:
-        """The runtime's cost model for this profile and sampler (correction 1, no observed tail)."""
-        return CostModel.from_profile(self.batch, sampler, decision_tail_ms=self.decision_p99_ms)
+        """The runtime's cost model for this profile and sampler (correction 1, no observed tail; the
+        controller decides nothing per step, so no decision time is charged)."""
+        return CostModel.from_profile(self.batch, sampler)
 
     def steps_that_fit(self, budget_ms: float, sampler: str, cap: int | None = None) -> int:
         """How many steps a static plan fits in ``budget_ms``: the cost model's answer at the tail."""
@@ -104,12 +110,10 @@ class CalibrationProfile:
 
 @dataclass
 class TeacherData:
-    """Fixed training / validation noises and, per sampler, its many-step result from each."""
+    """Fixed training noises and, per sampler, its many-step result from each (the AYS-like baseline's)."""
 
     noise_train: np.ndarray
-    noise_val: np.ndarray
     train: dict[str, np.ndarray]
-    val: dict[str, np.ndarray]
 
 
 def load_torch_unet(manifest: Manifest):
@@ -152,7 +156,11 @@ class CalibrationState:
     schedule: NoiseSchedule
     spec: ControllerSpec
     ort: Any                       # the ONNX Runtime denoiser
-    unet: Any                      # the frozen torch UNet
+    unet: Any                      # the frozen torch UNet (the AYS-like baseline only; else None)
+    calibration_net: Any           # quality.FeatureNet the search optimises in ...
+    calibration_reference: Any     # ... against these reference statistics
+    evaluation_net: Any            # the network that judges (gate), never optimised against ...
+    evaluation_reference: Any      # ... with its own reference images
     ckpt: Path                     # checkpoint folder (removed once the controller is written)
     rng: np.random.Generator
     model: Any                     # the torch controller being trained
@@ -162,12 +170,14 @@ class CalibrationState:
     @classmethod
     def open(cls, artifact: Path, profiles: list[Path], out: Path, config: CalibrationConfig,
              progress: bool = True, unet=None) -> "CalibrationState":
-        """Check the inputs, load the artifact, its profiles and both denoisers; seed torch and numpy."""
+        """Check the inputs, load the artifact, its profiles, the denoiser(s) and both feature networks;
+        seed torch and numpy."""
         import torch
 
         from abcd_edge.calibrate.torch_model import torch_controller
         from abcd_edge.device.backends import open_denoiser
         from abcd_edge.formats.manifest import load_manifest, manifest_hash
+        from abcd_edge.quality import FeatureNet, ReferenceStats
 
         check_inputs(config, profiles)
         artifact, out = Path(artifact), Path(out)
@@ -180,13 +190,25 @@ class CalibrationState:
         torch.manual_seed(config.seed)
         torch.set_num_threads(config.threads)
         ort = open_denoiser(artifact, threads=config.threads)
-        unet = unet if unet is not None else load_torch_unet(manifest)
+        if config.ays and unet is None:
+            unet = load_torch_unet(manifest)
+        cal_net = FeatureNet(config.calibration_net, threads=config.threads)
+        eval_net = FeatureNet(config.evaluation_net, threads=config.threads)
         ckpt = out.parent / f".{out.name}.ckpt"
         ckpt.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(config.seed)
         return cls(artifact=artifact, out=out, cfg=config, progress=progress, manifest=manifest, manifest_hash=mh,
                    profiles=loaded, profile_paths=[str(p) for p in profiles], schedule=schedule, spec=spec,
-                   ort=ort, unet=unet, ckpt=ckpt, rng=rng, model=torch_controller(spec))
+                   ort=ort, unet=unet,
+                   calibration_net=cal_net,
+                   calibration_reference=ReferenceStats.load_or_compute(
+                       paths.CALIBRATION_REF_SEED, paths.REF_N, cal_net, cache_dir=config.calibration_net,
+                       resolution=manifest.resolution),
+                   evaluation_net=eval_net,
+                   evaluation_reference=ReferenceStats.load_or_compute(
+                       paths.EVAL_REF_SEED, paths.REF_N, eval_net, cache_dir=config.evaluation_net,
+                       resolution=manifest.resolution),
+                   ckpt=ckpt, rng=rng, model=torch_controller(spec))
 
     # ------------------------------------------------------------------------------- helpers
     @property
@@ -226,25 +248,13 @@ class CalibrationState:
         """c = [log B, log F, rho]."""
         return context_vector(budget_ms, profile.flops_per_s, rho)
 
-    def sample_context(self) -> tuple[str, CalibrationProfile, float, float, int]:
-        """(sampler, profile, budget ms, rho, steps that fit) for a feasible random context."""
-        while True:
-            sampler = str(self.rng.choice(self.cfg.samplers))
-            profile = self.profiles[int(self.rng.integers(len(self.profiles)))]
-            budget = float(math.exp(self.rng.uniform(*map(math.log, BUDGET_RANGE_MS))))
-            n = profile.steps_that_fit(budget, sampler)
-            if n >= 1:
-                return sampler, profile, budget, float(self.rng.uniform(0, 1)), n
-
-    def run_ort(self, sampler_name: str, sigmas, noise: np.ndarray,
-                keep_x0: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Every step of a fixed schedule through ONNX Runtime (the one loop): (x0, x0 after each step if asked)."""
+    def run_ort(self, sampler_name: str, sigmas, noise: np.ndarray) -> np.ndarray:
+        """The x0 after every step of a fixed schedule through ONNX Runtime (the one loop)."""
         from abcd_edge.core.loop import sample
         from abcd_edge.core.samplers import make_sampler
 
         smp = make_sampler(sampler_name, self.schedule, np.asarray(sigmas), self.manifest.prediction_type)
-        x0, history = sample(self.ort, smp, noise, keep_x0=keep_x0)
-        return np.asarray(x0, np.float32), [np.asarray(h, np.float32) for h in history]
+        return np.asarray(sample(self.ort, smp, noise)[0], np.float32)
 
     def anchor(self) -> np.ndarray:
         """The KL anchor of the weight generator: the density of 100 time-uniform steps."""

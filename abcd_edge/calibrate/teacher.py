@@ -1,4 +1,4 @@
-"""Stage 1, the teacher: per sampler, its own many-step result from each fixed training / validation noise.
+"""The teacher of the AYS-like baseline: per sampler, its own many-step result from fixed training noises.
 
 With x0 clipping (clip_sample) the samplers integrate slightly different dynamics (DDIM
 keeps the raw noise direction as diffusers does; the multistep and Euler updates use the
@@ -22,17 +22,11 @@ def teacher(state: CalibrationState) -> TeacherData:
     f = state.ckpt_file("teacher.npz")
     if f.exists():
         z = np.load(f, allow_pickle=False)
-        return TeacherData(z["noise_train"], z["noise_val"], {s: z[f"train_{s}"] for s in cfg.samplers},
-                           {s: z[f"val_{s}"] for s in cfg.samplers})
-    rng = np.random.default_rng(cfg.seed + 100)
+        return TeacherData(z["noise_train"], {s: z[f"train_{s}"] for s in cfg.samplers})
+    rng = np.random.default_rng(cfg.seed + 200)
     noise_train = rng.standard_normal((cfg.train_noises, *state.shape)).astype(np.float32)
-    noise_val = rng.standard_normal((cfg.val_noises, *state.shape)).astype(np.float32)
     sigmas = time_uniform_sigmas(state.schedule, TEACHER_STEPS)
-    data = TeacherData(noise_train, noise_val,
-                       train={s: state.run_ort(s, sigmas, noise_train)[0] for s in cfg.samplers},
-                       val={s: state.run_ort(s, sigmas, noise_val)[0] for s in cfg.samplers})
+    data = TeacherData(noise_train, train={s: state.run_ort(s, sigmas, noise_train) for s in cfg.samplers})
     with atomic_path(f) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, noise_train=data.noise_train, noise_val=data.noise_val,
-                 **{f"train_{s}": v for s, v in data.train.items()},
-                 **{f"val_{s}": v for s, v in data.val.items()})
+        np.savez(fh, noise_train=data.noise_train, **{f"train_{s}": v for s, v in data.train.items()})
     return data

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from abcd_edge.formats.controller import CONTEXT_DIM, COST_DIM, DESCRIPTOR_DIM, INPUT_NORM, POLICY_DIM, ControllerSpec
+from abcd_edge.formats.controller import COST_DIM, INPUT_NORM, WG_DIM, ControllerSpec
 
 
 def torch_controller(spec: ControllerSpec):
@@ -37,23 +37,20 @@ def torch_controller(spec: ControllerSpec):
         def __init__(self):
             super().__init__()
             self.spec = spec
-            self.wg = NormMLP("wg", CONTEXT_DIM + DESCRIPTOR_DIM, spec.k_bins)
-            self.policy = NormMLP("policy", POLICY_DIM, 1)
+            self.wg = NormMLP("wg", WG_DIM, spec.k_bins)
             self.cost = NormMLP("cost", COST_DIM, 2)
 
-        def normalised_density(self, cz: torch.Tensor) -> torch.Tensor:
-            """softplus importance density over the K log-sigma bins (+ a floor so every bin has mass)."""
-            return nn.functional.softplus(self.wg(cz)) + 1e-4
-
-        def policy_logit(self, h: torch.Tensor) -> torch.Tensor:
-            return self.policy(h)
+        def normalised_density(self, cnz: torch.Tensor) -> torch.Tensor:
+            """softplus importance density over the K log-sigma bins (+ a floor so every bin has mass);
+            ``cnz`` rows are the generator's input [c, log n, z] (``formats.controller.wg_features``)."""
+            return nn.functional.softplus(self.wg(cnz)) + 1e-4
 
         def cost_log(self, f: torch.Tensor) -> torch.Tensor:
             return self.cost(f)
 
-        def forward(self, cz: torch.Tensor, h: torch.Tensor, f: torch.Tensor):
-            """(density [N,K], stop logit [N,1], log tail costs [N,2]) — the ONNX graph."""
-            return self.normalised_density(cz), self.policy(h), self.cost(f)
+        def forward(self, cnz: torch.Tensor, f: torch.Tensor):
+            """(density [N,K], log tail costs [N,2]) — the ONNX graph."""
+            return self.normalised_density(cnz), self.cost(f)
 
         def numpy_weights(self) -> dict[str, np.ndarray]:
             """``{part}.{k}.weight|bias`` float32 arrays, the layout Controller and safetensors use."""

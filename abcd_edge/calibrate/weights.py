@@ -1,80 +1,59 @@
-"""Stage 2, the weight generator, LD3/AYS-style.
+"""Stage 2, the weight generator: one small network that places the searched schedules in every context.
 
-For a random feasible context the generator's density places n steps (inverse CDF); the
-n-step result of the frozen denoiser (torch) from a batch of training noises is compared
-with the teacher and the loss is backpropagated through the sampler into the sigmas and
-so into the density; plus l1 * KL(w || anchor). The rollout is the package's one step
-loop (``core.loop.run_steps``) over torch tensors, through :class:`TorchDenoiser`.
+For a context (budget, device FLOP/s, rho), the planned step count n and the sampler, the
+generator's density places n steps by inverse CDF. It is fitted so that at every searched
+step count its placement reproduces the searched schedule (squared log-sigma error, over
+random budgets, profiles and rho: the searched optimum depends on n and the sampler, which
+the generator must learn to read from its input); between searched step counts it
+interpolates, and the gate (``calibrate.gate``) checks it on held-out noises.
 """
 from __future__ import annotations
 
-import json
+import math
 
 import numpy as np
 
-from abcd_edge.calibrate.state import CalibrationState
-from abcd_edge.io import atomic_path
+from abcd_edge.calibrate.state import BUDGET_RANGE_MS, CalibrationState
 
 
-class TorchDenoiser:
-    """The frozen diffusers UNet as the loop's denoiser: float32 into the UNet, float64 out,
-    differentiable in its inputs (so in the sigmas that made them)."""
+def training_rows(state: CalibrationState, searched: dict, count: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``count`` rows of the generator's input [c, log n, z] (random context) with their target log-sigmas."""
+    from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS
+    from abcd_edge.formats.controller import wg_features
 
-    def __init__(self, unet):
-        self.unet = unet
+    rows, targets = [], []
+    keys = [(s, n) for s in searched for n in searched[s]]
+    for _ in range(count):
+        sampler, n = keys[int(state.rng.integers(len(keys)))]
+        profile = state.profiles[int(state.rng.integers(len(state.profiles)))]
+        budget = float(math.exp(state.rng.uniform(*map(math.log, BUDGET_RANGE_MS))))
+        ctx = state.context(budget, profile, float(state.rng.uniform(0, 1)))
+        rows.append(wg_features(ctx, int(n), SAMPLER_DESCRIPTORS[sampler])[0])
+        targets.append(np.log(np.asarray(searched[sampler][n]["sigmas"], np.float64)))
+    return np.stack(rows), targets
 
-    def __call__(self, sample, timestep):
-        return self.unet(sample.float(), timestep.float()).sample.double()
 
-
-def rollout_mse(state: CalibrationState, sampler: str, sigmas):
-    """Teacher MSE of the n-step result from a random batch of training noises, differentiable in sigmas."""
+def fit_generator(state: CalibrationState, searched: dict) -> None:
+    """Fit ``state.model.wg`` to the searched schedules (``cfg.wg_iters`` Adam steps, 32 contexts each)."""
     import torch
-
-    from abcd_edge.core.loop import run_steps
-    from abcd_edge.core.samplers import make_sampler
-
-    data = state.teachers
-    idx = torch.from_numpy(state.rng.choice(len(data.noise_train), state.cfg.wg_batch, replace=False))
-    smp = make_sampler(sampler, state.schedule, sigmas, state.manifest.prediction_type)
-    x0 = run_steps(TorchDenoiser(state.unet), smp, torch.from_numpy(data.noise_train)[idx].double()).x0
-    return ((x0 - torch.from_numpy(data.train[sampler])[idx].double()) ** 2).mean()
-
-
-def train_weights(state: CalibrationState) -> None:
-    """Train ``state.model.wg`` for ``cfg.wg_iters`` iterations, resuming from the checkpoint (every 25)."""
-    import torch
-    from safetensors.torch import load_file, save_file
 
     from abcd_edge.core.placement import sigmas_from_density
-    from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS
 
     cfg, spec, model = state.cfg, state.spec, state.model
-    progress = state.ckpt_file("wg.json")
-    done = json.loads(progress.read_text())["iter"] if progress.exists() else 0
-    if done:
-        model.load_state_dict(load_file(str(state.ckpt_file("model.safetensors"))))
-        state.curves["wg_loss"] = json.loads(progress.read_text())["losses"]
-    losses = state.curves.setdefault("wg_loss", [])
+    top = math.log(state.schedule.sigma_max)
     opt = torch.optim.Adam(model.wg.parameters(), lr=cfg.wg_lr)
-    anchor = torch.as_tensor(state.anchor(), dtype=torch.float32)
-    bar = state.bar(cfg.wg_iters, "weights")
-    bar.update(done)
-    for it in range(done, cfg.wg_iters):
-        sampler, profile, budget, rho, n = state.sample_context()
-        n = min(n, cfg.n_train_max)
-        cz = torch.tensor([[*state.context(budget, profile, rho), *SAMPLER_DESCRIPTORS[sampler]]])
-        density = model.normalised_density(cz)[0]
-        sigmas = sigmas_from_density(density.double(), n, spec.log_sigma_min, spec.log_sigma_max, xp=torch)
-        mse = rollout_mse(state, sampler, sigmas)
-        w = density / density.sum()
-        kl = (w * (w / anchor).log()).sum()
-        loss = mse.log() + cfg.l1_kl * kl
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.wg_iters)
+    losses = state.curves.setdefault("wg_loss", [])
+    bar = state.bar(cfg.wg_iters, "generator")
+    for _ in range(cfg.wg_iters):
+        rows, targets = training_rows(state, searched, 32)
+        density = model.normalised_density(torch.from_numpy(rows))
+        errs = []
+        for d, target in zip(density, targets):
+            log_sig = sigmas_from_density(d.double(), len(target), spec.log_sigma_min, top, xp=torch).log()
+            errs.append(((log_sig - torch.from_numpy(target)) ** 2).mean())
+        loss = torch.stack(errs).mean()
         state.optimiser_step(opt, loss, losses, bar, clip=(model.wg.parameters(), 1.0))
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        if (it + 1) % 25 == 0 or it + 1 == cfg.wg_iters:
-            with atomic_path(state.ckpt_file("model.safetensors")) as p:
-                save_file(model.state_dict(), str(p))
-            with atomic_path(progress) as p:
-                p.write_text(json.dumps({"iter": it + 1, "losses": losses}))
+        sched.step()
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     bar.close()

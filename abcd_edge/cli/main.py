@@ -55,8 +55,11 @@ def info(as_json: bool) -> None:
 @main.command()
 @click.option("--budget", required=True, help="Latency (150ms, 0.2s, 500us) or energy (2J, 500mJ) budget.")
 @click.option("--quality", "rho", default=1.0, show_default=True, type=float,
-              help="rho in [0,1]: 0 fastest, 1 best; the exit policy stops once quality is enough for rho.")
-@click.option("--sampler", default="ddim", show_default=True, help="ddim, dpmpp-2m, euler or consistency.")
+              help="rho in [0,1]: 1 spends every step the budget allows; below, the controller plans the fewest "
+                   "steps whose validated feature-FID is within (1 + 0.3 (1 - rho)) of the full plan's.")
+@click.option("--sampler", default="ddim", show_default=True,
+              help="ddim, dpmpp-2m, euler, consistency, or auto (the calibrated sampler with the best validated "
+                   "feature-FID at the steps the budget allows).")
 @click.option("--placement", "--schedule", "placement", default="auto", show_default=True,
               help="Where the steps go: auto (controller when calibrated, else uniform), controller, uniform, "
                    "karras, logsnr.")
@@ -154,11 +157,25 @@ def profile(artifact, backend, threads, power, batch, runs, out) -> None:
               help="Device profile(s) of this artifact (repeat). Default: the committed profiles for it.")
 @click.option("--samplers", default="ddim,dpmpp-2m,euler", show_default=True)
 @click.option("--out", default=None, type=click.Path(), help="Default: calibration/<artifact name>")
-@click.option("--iters", default=None, type=int, help="Weight-generator iterations (default 300).")
+@click.option("--iters", default=None, type=int, help="Weight-generator fitting iterations (default 1500).")
+@click.option("--steps", "search_steps", default=None,
+              help="Step counts to search, fit and gate, e.g. 2,3,5,8 (default 2,3,4,5,6,8,10,13,16,20).")
+@click.option("--ays/--no-ays", default=False, show_default=True,
+              help="Also retrain the AYS-like baseline the bench compares with (slow; without it the "
+                   "folder's existing ays.json for this artifact is kept).")
+@click.option("--calibration-net", default=str(paths.FEATURENET_DIR), show_default=True, type=click.Path(),
+              help="Feature network folder whose statistics the search optimises (featurenet.onnx + reference).")
+@click.option("--evaluation-net", default=str(paths.EVALNET_DIR), show_default=True, type=click.Path(),
+              help="Feature network folder that judges the gate: another network, never optimised against.")
 @threads_option
-@click.option("--seed", default=0, show_default=True, type=int)
-def calibrate(artifact, profiles, samplers, out, iters, threads, seed) -> None:
-    """Train the ABCD controller (schedule, exit policy, cost predictor) for an artifact."""
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the search's training noises and of the generator's fit (the gate's held-out "
+                   "noises are fixed).")
+def calibrate(artifact, profiles, samplers, out, iters, search_steps, ays, calibration_net, evaluation_net, threads,
+              seed) -> None:
+    """Train the ABCD controller for an artifact: search schedules against the feature statistics, fit the
+    weight generator to them, gate it against every static schedule on held-out noises (evaluation
+    network), and fit the cost predictor."""
     import dataclasses
 
     from abcd_edge.calibrate import CalibrationConfig, calibrate as run_calibration
@@ -173,17 +190,28 @@ def calibrate(artifact, profiles, samplers, out, iters, threads, seed) -> None:
             raise UserError(f"no profile under {paths.PROFILES_DIR} matches artifact {artifact!r}; "
                             "measure one with `abcd-edge profile` or pass --profile")
     names = tuple(s for s in samplers.split(",") if s)
-    config = CalibrationConfig(samplers=names, threads=threads, seed=seed)
+    config = CalibrationConfig(samplers=names, threads=threads, seed=seed, ays=ays, calibration_net=calibration_net,
+                               evaluation_net=evaluation_net)
     if iters is not None:
         if iters < 1:
             raise UserError(f"--iters {iters} must be >= 1")
         config = dataclasses.replace(config, wg_iters=iters)
+    if search_steps is not None:
+        try:
+            steps = tuple(sorted({int(v) for v in search_steps.split(",") if v.strip()}))
+        except ValueError:
+            steps = ()
+        if not steps or steps[0] < 2:
+            raise UserError(f"--steps {search_steps!r} must be a comma-separated list of step counts >= 2")
+        config = dataclasses.replace(config, search_steps=steps)
     target = Path(out) if out else paths.CALIBRATION_DIR / manifest.name
     report = run_calibration(Path(artifact), [Path(p) for p in profiles], target, config,
                              command="abcd-edge calibrate " + " ".join(sys.argv[2:]))
     click.echo(f"controller ({report['parameters']} parameters) -> {target} in {report['wall_minutes']} min")
-    for key, row in report["validation_teacher_mse"].items():
-        click.echo(f"  teacher MSE {key}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+    for sampler, rows in report["gate"].items():
+        click.echo(f"  {sampler}: " + ", ".join(
+            f"n={n} {row['ratio_to_best_static']:.2f}x{'' if row['decision'] == 'learned' else ' (static)'}"
+            for n, row in rows.items()))
 
 
 def _add_bench() -> None:

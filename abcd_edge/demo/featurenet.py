@@ -125,11 +125,11 @@ def evaluate(net: FeatureCNN, data, batch: int = 500) -> dict:
     }
 
 
-def export_onnx(net: FeatureCNN, path: Path) -> None:
+def export_onnx(net: FeatureCNN, path: Path, resolution: int = RESOLUTION) -> None:
     """uint8 NCHW -> features, dynamic batch, one self-contained file."""
     net.eval()
     wrapper = _OnnxFeatures(net).eval()
-    example = torch.zeros(2, 3, RESOLUTION, RESOLUTION, dtype=torch.uint8)
+    example = torch.zeros(2, 3, resolution, resolution, dtype=torch.uint8)
     batch = torch.export.Dim("batch")
     torch.onnx.export(wrapper, (example,), str(path), input_names=["images"], output_names=["features"],
                       opset_version=ONNX_OPSET, dynamo=True, external_data=False,

@@ -1,13 +1,17 @@
-"""The ABCD controller: weight generator, exit policy and cost predictor.
+"""The ABCD controller: weight generator, cost predictor and the validated gate.
 
-Three small MLPs (about 17k parameters together):
+Two small MLPs (about 19k parameters together) and one table:
 
-* weight generator  (c, z)  -> softplus importance density over K bins of log-sigma;
-  n steps are placed by inverse CDF (``core.placement.sigmas_from_density``);
-* exit policy       h_t     -> p_stop, h_t = [log sigma_t, log ||x0_t - x0_{t-1}||^2,
-  t/n, elapsed/B, c, z]; thresholded at run time (Gumbel-sigmoid in training);
-* cost predictor    f       -> log of the tail (p99) latency of the next step and of
-  finishing, f = profile statistics of this backend/batch + the running correction.
+* weight generator  (c, log n, z) -> softplus importance density over K bins of log-sigma;
+  the n planned steps are placed by inverse CDF (``core.placement.sigmas_from_density``).
+  It is fitted to schedules searched against a feature-statistics objective
+  (``calibrate.search``), so it places steps where the quality metric rewards them;
+* cost predictor    f -> log of the tail (p99) latency of the next step and of finishing,
+  f = profile statistics of this backend/batch + the running correction;
+* the gate (:class:`Gate`): per sampler and validated step count, which placement the
+  runtime uses — the generator's where it beat every static schedule beyond its CI on
+  held-out noises in the evaluation network, else the best static one — and that
+  placement's validated feature-FID, which the exit rule reads (``Gate.exit_steps``).
 
 The runtime uses the numpy twin (:class:`Controller`, no torch); calibration
 trains the torch twin (``abcd_edge.calibrate.torch_model.torch_controller``) and saves both weights
@@ -24,10 +28,10 @@ import numpy as np
 
 from abcd_edge.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CONTEXT_DIM = 3          # [log B, log F, rho]
 DESCRIPTOR_DIM = 6       # samplers.SAMPLER_DESCRIPTORS
-POLICY_DIM = 4 + CONTEXT_DIM + DESCRIPTOR_DIM
+WG_DIM = CONTEXT_DIM + 1 + DESCRIPTOR_DIM   # c, log n, z
 BACKEND_NAMES = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
 COST_DIM = 5 + len(BACKEND_NAMES) + 1
 EPS = 1e-12
@@ -36,9 +40,7 @@ EPS = 1e-12
 # (log ms, log FLOP/s, log sigma, ...) live on very different scales.
 _CONTEXT_NORM = ([5.0, 23.0, 0.5], [1.5, 3.0, 0.3])
 INPUT_NORM = {
-    "wg": (_CONTEXT_NORM[0] + [0.0] * DESCRIPTOR_DIM, _CONTEXT_NORM[1] + [1.0] * DESCRIPTOR_DIM),
-    "policy": ([0.0, -8.0, 0.5, 0.5] + _CONTEXT_NORM[0] + [0.0] * DESCRIPTOR_DIM,
-               [3.0, 4.0, 0.3, 0.3] + _CONTEXT_NORM[1] + [1.0] * DESCRIPTOR_DIM),
+    "wg": (_CONTEXT_NORM[0] + [2.0] + [0.0] * DESCRIPTOR_DIM, _CONTEXT_NORM[1] + [1.0] + [1.0] * DESCRIPTOR_DIM),
     "cost": ([1.5, 1.5, -1.0, -1.0, 0.5] + [0.0] * len(BACKEND_NAMES) + [0.0],
              [1.5, 1.5, 2.0, 2.0, 1.0] + [1.0] * len(BACKEND_NAMES) + [0.5]),
 }
@@ -46,19 +48,17 @@ INPUT_NORM = {
 
 @dataclass
 class ControllerSpec:
-    k_bins: int = 32
-    hidden: int = 48
+    k_bins: int = 64
+    hidden: int = 64
     log_sigma_min: float = -4.0
     log_sigma_max: float = 4.5
-    threshold: float = 0.5     # p_stop above which the policy exits
     quantile: float = 0.99     # the tail the cost predictor is trained for
 
     def shapes(self) -> dict[str, tuple[int, int]]:
-        """Layer name -> (in, out) for the three MLPs (two hidden layers each)."""
+        """Layer name -> (in, out) for the two MLPs (two hidden layers each)."""
         h = self.hidden
         out = {}
-        for part, (din, dout) in {"wg": (CONTEXT_DIM + DESCRIPTOR_DIM, self.k_bins),
-                                  "policy": (POLICY_DIM, 1), "cost": (COST_DIM, 2)}.items():
+        for part, (din, dout) in {"wg": (WG_DIM, self.k_bins), "cost": (COST_DIM, 2)}.items():
             out[f"{part}.0"] = (din, h)
             out[f"{part}.1"] = (h, h)
             out[f"{part}.2"] = (h, dout)
@@ -76,11 +76,9 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-def decision_features(sigma: float, x0_change: float, progress: float, elapsed_frac: float,
-                      context, descriptor) -> np.ndarray:
-    """h_t of the exit policy as a float32 row [1, POLICY_DIM]."""
-    h = [math.log(max(sigma, EPS)), math.log(x0_change + 1e-8), progress, elapsed_frac, *context, *descriptor]
-    return np.asarray([h], np.float32)
+def wg_features(context, n: int, descriptor) -> np.ndarray:
+    """The weight generator's input [c, log n, z] as a float32 row [1, WG_DIM]."""
+    return np.asarray([[*context, math.log(max(n, 1)), *descriptor]], np.float32)
 
 
 def cost_features(step_p50_ms: float, step_p99_ms: float, finish_p50_ms: float, finish_p99_ms: float,
@@ -109,6 +107,60 @@ class MLP:
         return x
 
 
+EXIT_KAPPA = 0.3   # rho < 1 accepts a feature-FID up to (1 + EXIT_KAPPA (1 - rho)) x the full plan's
+
+
+@dataclass
+class Gate:
+    """What calibration validated, per sampler and step count: the placement to use and its feature-FID.
+
+    ``placements[sampler][k]`` is "learned" (the weight generator) or a static kind for ``steps[sampler][k]``;
+    ``fid[sampler][k]`` its feature-FID on held-out noises in the evaluation network. A step count
+    between validated ones takes the decision of the nearest (in log n; the lower on a tie), one above
+    the largest that of the largest.
+    """
+
+    steps: dict[str, list[int]]
+    placements: dict[str, list[str]]
+    fid: dict[str, list[float]]
+    exit_kappa: float = EXIT_KAPPA
+
+    def to_json(self) -> dict:
+        return {"steps": self.steps, "placements": self.placements, "fid": self.fid, "exit_kappa": self.exit_kappa}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "Gate":
+        return cls(steps={k: [int(n) for n in v] for k, v in raw["steps"].items()},
+                   placements={k: list(v) for k, v in raw["placements"].items()},
+                   fid={k: [float(x) for x in v] for k, v in raw["fid"].items()},
+                   exit_kappa=float(raw.get("exit_kappa", EXIT_KAPPA)))
+
+    def placement(self, sampler: str, n: int) -> str | None:
+        """The validated placement for n steps of ``sampler`` (None: the sampler was not calibrated)."""
+        if sampler not in self.placements:
+            return None
+        logs = np.log(np.asarray(self.steps[sampler], np.float64))
+        nearest = int(np.argmin(np.abs(logs - math.log(max(n, 1))) + 1e-9 * np.arange(len(logs))))
+        return self.placements[sampler][nearest]
+
+    def expected_fid(self, sampler: str, n: int) -> float:
+        """The validated feature-FID at n steps, log-log interpolated; flat beyond the validated range."""
+        logs = np.log(np.asarray(self.steps[sampler], np.float64))
+        return float(np.exp(np.interp(math.log(max(n, 1)), logs, np.log(self.fid[sampler]))))
+
+    def exit_steps(self, sampler: str, n_fit: int, rho: float) -> int:
+        """The fewest steps whose expected quality is what rho asks: rho = 1 takes all ``n_fit``; below,
+        the smallest n <= n_fit whose validated FID is within (1 + kappa (1 - rho)) of n_fit's. Never fewer
+        than the smallest validated step count (nothing below it was measured)."""
+        if rho >= 1.0 or sampler not in self.fid or n_fit <= self.steps[sampler][0]:
+            return n_fit
+        allowed = self.expected_fid(sampler, n_fit) * (1 + self.exit_kappa * (1 - rho))
+        for n in range(self.steps[sampler][0], n_fit):
+            if self.expected_fid(sampler, n) <= allowed:
+                return n
+        return n_fit
+
+
 @dataclass
 class ControllerMeta:
     schema_version: int
@@ -123,6 +175,7 @@ class ControllerMeta:
     # backends of the profiles the cost predictor was trained on: elsewhere its inputs
     # (a one-hot it never saw set) are out of range and the runtime uses the profile's tails
     cost_backends: list[str] = field(default_factory=list)
+    gate: dict = field(default_factory=dict)   # Gate.to_json(); empty: no validated placements
 
 
 class Controller:
@@ -133,10 +186,11 @@ class Controller:
         self.meta = meta
         self.weights = weights
         parts = {}
-        for part in ("wg", "policy", "cost"):
+        for part in ("wg", "cost"):
             parts[part] = MLP([(weights[f"{part}.{k}.weight"].T, weights[f"{part}.{k}.bias"]) for k in range(3)],
                               INPUT_NORM[part])
-        self.wg, self.policy, self.cost = parts["wg"], parts["policy"], parts["cost"]
+        self.wg, self.cost = parts["wg"], parts["cost"]
+        self.gate = Gate.from_json(meta.gate) if meta is not None and meta.gate else None
 
     @classmethod
     def random_init(cls, spec: ControllerSpec | None = None, seed: int = 0) -> "Controller":
@@ -148,19 +202,15 @@ class Controller:
             weights[f"{name}.bias"] = np.zeros(dout, np.float32)
         return cls(spec, weights)
 
-    def density(self, context, descriptor) -> np.ndarray:
-        x = np.asarray([[*context, *descriptor]], np.float32)
-        return softplus(self.wg(x)[0]) + 1e-4
+    def density(self, context, descriptor, n: int) -> np.ndarray:
+        """The importance density over the K log-sigma bins for n steps in this context."""
+        return softplus(self.wg(wg_features(context, n, descriptor))[0]) + 1e-4
 
     def plan_sigmas(self, context, descriptor, n: int, sigma_max: float | None = None) -> np.ndarray:
         from abcd_edge.core.placement import sigmas_from_density
 
         hi = self.spec.log_sigma_max if sigma_max is None else min(self.spec.log_sigma_max, math.log(sigma_max))
-        return np.asarray(sigmas_from_density(self.density(context, descriptor), n, self.spec.log_sigma_min, hi))
-
-    def p_stop(self, features: np.ndarray) -> float:
-        z = float(self.policy(features)[0, 0])
-        return 1.0 / (1.0 + math.exp(-z))
+        return np.asarray(sigmas_from_density(self.density(context, descriptor, n), n, self.spec.log_sigma_min, hi))
 
     def predict_cost_ms(self, features: np.ndarray) -> tuple[float, float]:
         """(next step tail ms, finishing tail ms)."""

@@ -36,7 +36,7 @@ def measure_profile(artifact_dir: str | Path, backend: str = "ort-cpu", threads:
 
     from abcd_edge.device import hardware, telemetry
     from abcd_edge.device.backends import open_denoiser
-    from abcd_edge.formats.controller import Controller, cost_features, decision_features
+    from abcd_edge.formats.controller import Controller, cost_features
     from abcd_edge.core.images import png_bytes, to_uint8
     from abcd_edge.formats.manifest import load_manifest, manifest_hash
     from abcd_edge.core.samplers import SAMPLER_NAMES, make_sampler
@@ -114,13 +114,14 @@ def measure_profile(artifact_dir: str | Path, backend: str = "ort-cpu", threads:
                                     sampler_ms=sampler_ms, finish=finish, png=png,
                                     step_power_w=power_w, energy_per_step_mj=energy_per_step))
 
-    # One per-step decision = cost prediction + exit policy; its cost does not depend on the
-    # weights, so an untrained controller of the shipped architecture is timed here.
+    # The controller's planning work (a cost prediction and a density), done once per request before
+    # its clock starts; reported, not charged to steps. Its cost does not depend on the weights, so an
+    # untrained controller of the shipped architecture is timed here.
     controller = Controller.random_init(seed=0)
 
     def decide():
         controller.predict_cost_ms(cost_features(5.0, 6.0, 0.1, 0.2, 1, backend, 1.0))
-        controller.p_stop(decision_features(1.0, 0.01, 0.5, 0.5, [5.0, 20.0, 0.5], [0.0] * 6))
+        controller.density([5.0, 20.0, 0.5], [0.0] * 6, 8)
     decision = LatencyStats.from_samples(_time_calls(decide, max(runs, 200), 20))
     bar.update(1)
     bar.close()

@@ -3,27 +3,27 @@
 * before a step: the hard rule  elapsed + next step's tail + finishing > B  -> stop ("budget");
 * during it: the guard abandons a call still running when only finishing is left ("guard");
 * after the call: its time corrects the cost model; when behind the plan, the rest of the
-  schedule is re-placed into the steps that still fit (re-planning);
-* after the step: the exit policy may stop once the quality is enough for rho ("quality";
-  never at rho = 1, which asks for every step the budget allows).
+  schedule is re-placed into the steps that still fit (re-planning), so the last step still
+  goes to low noise and the image comes out finished.
+
+What rho asks for is decided once, at planning (``runtime.plan``): there is no per-step exit.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS, Sampler
-from abcd_edge.formats.controller import decision_features
+from abcd_edge.core.loop import NoHooks
+from abcd_edge.core.samplers import Sampler
 from abcd_edge.runtime.plan import RequestPlan
 
 
-class AnytimeRules:
+class AnytimeRules(NoHooks):
     """The hooks one request runs under; they also keep what the report needs of each step."""
 
-    def __init__(self, plan: RequestPlan, clock, controller=None, use_exit_policy: bool = True):
-        self.plan, self.clock, self.controller = plan, clock, controller
+    def __init__(self, plan: RequestPlan, clock):
+        self.plan, self.clock = plan, clock
         self.cost = plan.cost
         self.positions = plan.positions
-        self.consult_policy = controller is not None and use_exit_policy and plan.rho < 1.0
         self.replans = 0
         self.predicted: list[float] = []          # the tail the hard rule used, per completed step
         self.predicted_median: list[float] = []   # p50 x correction, per completed step
@@ -55,13 +55,3 @@ class AnytimeRules:
                 self.replans += 1
         self.predicted.append(round(self._pending[0], 4))
         self.predicted_median.append(round(self._pending[1], 4))
-
-    def after_step(self, i: int, sampler: Sampler, x0_prev: np.ndarray, x0: np.ndarray) -> str | None:
-        n = len(sampler)
-        if not self.consult_policy or i >= n - 1:
-            return None
-        change = float(np.mean((x0 - x0_prev) ** 2))
-        h = decision_features(float(sampler.sigmas[i]), change, (i + 1) / n,
-                              self.clock.elapsed_ms() / self.plan.limit_ms, self.plan.context,
-                              SAMPLER_DESCRIPTORS[self.plan.sampler])
-        return "quality" if self.controller.p_stop(h) > self.controller.spec.threshold else None

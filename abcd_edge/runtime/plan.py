@@ -1,5 +1,9 @@
-"""A request, planned once: budget -> limit in ms -> context -> cost model -> placement -> sigmas.
+"""A request, planned once: budget -> limit in ms -> context -> cost model -> steps -> placement -> sigmas.
 
+With a calibrated controller, rho < 1 takes the fewest steps whose validated quality is what
+rho asks (``Gate.exit_steps``): the request stops early by *planning* fewer steps, so what it
+returns is always a finished image, never a mid-trajectory x0. The placement for the planned
+n is the one the controller's gate validated for it (its generator's, or the best static).
 The anytime loop reads a :class:`RequestPlan`; nothing in it is recomputed per step.
 """
 from __future__ import annotations
@@ -7,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -39,6 +44,7 @@ class RequestPlan:
     placement: Placement
     sigmas: np.ndarray
     positions: np.ndarray           # mass position u of each planned step
+    fit_steps: int = 0              # the steps that fit the budget, before rho's exit rule
 
     @property
     def below_minimum(self) -> bool:
@@ -47,14 +53,28 @@ class RequestPlan:
 
 def check_request(rho: float, sampler: str, batch: int, placement: str) -> None:
     """Refuse a bad request argument with one line naming it and what is accepted."""
-    if sampler not in SAMPLER_NAMES:
-        raise UserError(f"sampler {sampler!r} is unknown; accepted: {', '.join(SAMPLER_NAMES)}")
+    if sampler not in SAMPLER_NAMES and sampler != "auto":
+        raise UserError(f"sampler {sampler!r} is unknown; accepted: {', '.join(SAMPLER_NAMES)}, auto")
     if not (isinstance(rho, numbers.Real) and 0.0 <= rho <= 1.0):
         raise UserError(f"quality {rho!r} is outside [0, 1]; 0 is fastest, 1 best")
     if not isinstance(batch, numbers.Integral) or batch < 1:
         raise UserError(f"batch {batch} must be an integer >= 1")
     if placement not in PLACEMENTS:
         raise UserError(f"placement (--schedule) {placement!r} is unknown; accepted: {', '.join(PLACEMENTS)}")
+
+
+def auto_sampler(controller, steps_for: Callable[[str], int]) -> str:
+    """``--sampler auto``: the calibrated sampler with the best validated feature-FID at the steps it would
+    plan (``steps_for(sampler)``), among those whose gate covers that many steps; DDIM without a gate."""
+    gate = controller.gate if controller is not None else None
+    if gate is None:
+        return "ddim"
+    scores = {}
+    for name in gate.fid:
+        n = max(steps_for(name), 1)
+        if n <= gate.steps[name][-1]:
+            scores[name] = gate.expected_fid(name, n)
+    return min(scores, key=scores.get) if scores else next(iter(gate.fid))
 
 
 def budget_in_ms(budget: Budget, bp: BatchProfile, profile_name: str, meter: str) -> float:
@@ -68,29 +88,36 @@ def budget_in_ms(budget: Budget, bp: BatchProfile, profile_name: str, meter: str
 
 
 def choose_placement(kind: str, schedule: NoiseSchedule, controller, context: list[float] | None,
-                     sampler: str) -> Placement:
-    """The step placement for a request: the controller's density ("auto" when calibrated), or a fixed rule."""
+                     sampler: str, n: int) -> Placement:
+    """The step placement for n steps: with "auto", what the controller's gate validated for (sampler, n)
+    (its generator, or the best static rule; uniform without a controller or a gate for the sampler);
+    "controller" forces the generator; a static kind is that fixed rule."""
     if kind == "auto":
-        kind = "controller" if controller is not None else "uniform"
+        gate = controller.gate if controller is not None else None
+        validated = gate.placement(sampler, n) if gate is not None else None
+        kind = "controller" if validated == "learned" else (validated or "uniform")
     if kind != "controller":
         return static_placement(kind, schedule)
     if controller is None:
-        raise UserError("--schedule controller needs a calibrated controller for this artifact (run `make calibrate`)")
-    density = controller.density(context, SAMPLER_DESCRIPTORS[sampler])
+        raise UserError("--placement controller needs a calibrated controller for this artifact (run `make calibrate`)")
+    density = controller.density(context, SAMPLER_DESCRIPTORS[sampler], n)
     top = min(controller.spec.log_sigma_max, math.log(schedule.sigma_max))
     return density_placement(density, controller.spec.log_sigma_min, top)
 
 
 def plan_request(budget: Budget, limit: float, *, rho: float, sampler: str, batch: int, seed: int,
                  best_effort: bool, placement: str, bp: BatchProfile, cost: CostModel, minimum_ms: float,
-                 schedule: NoiseSchedule, controller) -> RequestPlan:
+                 schedule: NoiseSchedule, controller, use_exit_rule: bool = True) -> RequestPlan:
     """Plan a request (its arguments already passed :func:`check_request`, ``limit`` is the budget in ms):
-    the most steps whose *sum* fits the limit, placed by the controller or a rule."""
+    the most steps whose *sum* fits the limit, fewer where rho < 1 asks for less (the controller's
+    validated exit rule), placed as the controller's gate says or by a rule."""
     context = context_vector(limit, bp.flops_per_s, rho) if controller is not None else None
     cap = RULE_MAX_STEPS if controller is None else schedule.num_train_timesteps
-    n = max(cost.steps_that_fit(limit, level="sum", cap=cap), 1)
-    place = choose_placement(placement, schedule, controller, context, sampler)
+    fit = max(cost.steps_that_fit(limit, level="sum", cap=cap), 1)
+    gate = controller.gate if controller is not None else None
+    n = gate.exit_steps(sampler, fit, rho) if gate is not None and use_exit_rule else fit
+    place = choose_placement(placement, schedule, controller, context, sampler, n)
     sigmas, positions = place.plan(n)
     return RequestPlan(budget=budget, limit_ms=limit, minimum_ms=minimum_ms, rho=rho, sampler=sampler, batch=batch,
                        seed=seed, best_effort=best_effort, context=context, cost=cost, placement=place,
-                       sigmas=sigmas, positions=positions)
+                       sigmas=sigmas, positions=positions, fit_steps=fit)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -17,6 +17,7 @@ class RequestReport:
     deadline_met: bool
     steps: int
     planned_steps: int
+    fit_steps: int              # the steps that fit the budget; planned_steps < fit_steps where rho asked for less
     replans: int                # times the rest of the schedule was re-placed into fewer steps
     exit_reason: str            # budget | quality | guard | done | best-effort
     sampler: str

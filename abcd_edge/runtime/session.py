@@ -1,10 +1,11 @@
 """The anytime session: a warm denoiser with its profile, controller, meter and clock. numpy + onnxruntime only.
 
-A request has a budget B. It is planned once (runtime/plan.py): the schedule
-that fits B at the profile's tail. The one step loop (core/loop.py) runs it
-under the anytime rules (runtime/anytime.py): the hard rule before each step,
-the guard during it, the online correction and re-planning after the call, the
-exit policy after the step. The image is the last x0 estimate, never a noisy x_t.
+A request has a budget B. It is planned once (runtime/plan.py): the most steps
+whose sum fits B (fewer where rho < 1 asks for less), placed as the controller's
+gate validated. The one step loop (core/loop.py) runs it under the anytime rules
+(runtime/anytime.py): the hard rule before each step, the guard during it, the
+online correction and re-planning after the call. The image is the last x0
+estimate, never a noisy x_t.
 
 Collaborators are passed in; :meth:`AnytimeRuntime.open` finds or measures them
 for the CLI::
@@ -34,7 +35,7 @@ from abcd_edge.formats.manifest import Manifest
 from abcd_edge.formats.profile import DeviceProfile
 from abcd_edge.runtime.anytime import AnytimeRules
 from abcd_edge.runtime.cost import CostModel, OnlineCorrection
-from abcd_edge.runtime.plan import RequestPlan, budget_in_ms, check_request, plan_request
+from abcd_edge.runtime.plan import RULE_MAX_STEPS, RequestPlan, auto_sampler, budget_in_ms, check_request, plan_request
 from abcd_edge.runtime.report import REPORT_SCHEMA_VERSION, RequestReport
 
 COST_PREDICTOR_TOLERANCE = 0.25   # the predictor's step tail may differ this much from the profile's p99
@@ -163,7 +164,6 @@ class AnytimeRuntime:
         """The cost model of this session for (batch, sampler), at the running correction unless one is given."""
         return CostModel.from_profile(
             self.profile.for_batch(batch), sampler,
-            decision_tail_ms=self.profile.controller_decision.p99_ms if self.controller else 0.0,
             tails=self._predicted_tails if self.uses_cost_predictor(batch) else None,
             correction=self.online.correction if correction is None else correction,
             observed_tail_ratio=self.online.observed_tail_ratio(batch))
@@ -177,11 +177,14 @@ class AnytimeRuntime:
         return self.cost_model(batch, sampler, correction=1.0).minimum_ms()
 
     def plan(self, budget: Budget, rho: float = 1.0, sampler: str = "ddim", seed: int = 0, batch: int = 1,
-             best_effort: bool = False, placement: str = "auto") -> RequestPlan:
+             best_effort: bool = False, placement: str = "auto", use_exit_rule: bool = True) -> RequestPlan:
         """Plan one request (refusing a budget below the minimum unless ``best_effort``)."""
         check_request(rho, sampler, batch, placement)
         bp = self.profile.for_batch(batch)
         limit = budget_in_ms(budget, bp, self.profile_path, self.profile.power.meter)
+        if sampler == "auto":
+            sampler = auto_sampler(self.controller, lambda s: self.cost_model(batch, s).steps_that_fit(
+                limit, level="sum", cap=RULE_MAX_STEPS))
         cost = self.cost_model(batch, sampler)
         minimum = dataclasses.replace(cost, correction=1.0).minimum_ms()   # as minimum_ms(), from the same model
         if limit < minimum and not best_effort:
@@ -190,11 +193,11 @@ class AnytimeRuntime:
                             "raise the budget or pass --best-effort")
         return plan_request(budget, limit, rho=rho, sampler=sampler, batch=batch, seed=seed,
                             best_effort=best_effort, placement=placement, bp=bp, cost=cost, minimum_ms=minimum,
-                            schedule=self.schedule, controller=self.controller)
+                            schedule=self.schedule, controller=self.controller, use_exit_rule=use_exit_rule)
 
     # ------------------------------------------------------------------------------------ serving
     def generate(self, budget: Budget, rho: float = 1.0, sampler: str = "ddim", seed: int = 0, batch: int = 1,
-                 best_effort: bool = False, placement: str = "auto", use_exit_policy: bool = True,
+                 best_effort: bool = False, placement: str = "auto", use_exit_rule: bool = True,
                  clock=None) -> tuple[np.ndarray, RequestReport]:
         """One request: images uint8 [batch,H,W,3] made before the deadline, and its report.
 
@@ -202,12 +205,12 @@ class AnytimeRuntime:
         per-stream replay clocks)."""
         clock = clock if clock is not None else self.clock
         with self._lock:
-            plan = self.plan(budget, rho, sampler, seed, batch, best_effort, placement)
+            plan = self.plan(budget, rho, sampler, seed, batch, best_effort, placement, use_exit_rule)
             rng = np.random.default_rng(seed)
             shape = (batch, self.manifest.channels, self.manifest.resolution, self.manifest.resolution)
             noise = rng.standard_normal(shape).astype(np.float32)
             smp = make_sampler(sampler, self.schedule, plan.sigmas, self.manifest.prediction_type)
-            rules = AnytimeRules(plan, clock, self.controller, use_exit_policy)
+            rules = AnytimeRules(plan, clock)
 
             self.meter.start()
             clock.start()
@@ -236,7 +239,8 @@ class AnytimeRuntime:
             budget_ms=budget.value if budget.kind == "latency" else None,
             budget_mj=budget.value if budget.kind == "energy" else None,
             latency_ms=round(latency, 4), deadline_met=bool(met), steps=len(measured),
-            planned_steps=len(plan.sigmas), replans=rules.replans, exit_reason=reason, sampler=plan.sampler,
+            planned_steps=len(plan.sigmas), fit_steps=plan.fit_steps, replans=rules.replans, exit_reason=reason,
+            sampler=plan.sampler,
             schedule=plan.placement.kind, sigmas=[round(float(s), 6) for s in smp.sigmas], rho=plan.rho,
             seed=plan.seed, batch=plan.batch, predicted_step_ms=rules.predicted,
             predicted_median_step_ms=rules.predicted_median, measured_step_ms=measured,

@@ -141,7 +141,8 @@ def test_interrupted_export_leaves_previous_good_artifact(tiny_model_dir, tiny_a
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "timing"]
 
 
-def test_interrupted_calibration_leaves_previous_good_controller(calibrated, tiny_artifact, fixed_profile, tmp_path):
+def test_interrupted_calibration_leaves_previous_good_controller(calibrated, tiny_artifact, fixed_profile,
+                                                                tiny_feature_nets, tmp_path):
     from abcd_edge.formats.controller import Controller
     from abcd_edge.formats.manifest import manifest_hash
 
@@ -149,7 +150,8 @@ def test_interrupted_calibration_leaves_previous_good_controller(calibrated, tin
     shutil.copytree(calibrated[0], target)
     before = _snapshot(target)
     cmd = _cli("calibrate", "--artifact", tiny_artifact, "--profile", fixed_profile, "--samplers", "ddim",
-               "--threads", "1", "--out", target)
+               "--threads", "1", "--calibration-net", tiny_feature_nets[0], "--evaluation-net", tiny_feature_nets[1],
+               "--out", target)
     for sig, after_s in ((signal.SIGINT, 6.0), (signal.SIGKILL, 9.0)):
         assert _interrupt(cmd, after_s, sig) != 0
         assert _snapshot(target) == before

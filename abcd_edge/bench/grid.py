@@ -15,6 +15,8 @@ from abcd_edge.errors import UserError
 
 METHODS = ("uniform", "karras", "logsnr", "ays", "stepdrop", "buco-mwg", "abcd", "oracle")
 BASELINES = tuple(m for m in METHODS if m not in ("abcd", "oracle"))
+# fixed-rule schedules (stepdrop: a fixed schedule cut at a fixed sigma); BuCo-MWG is budget-conditioned
+STATIC_METHODS = ("uniform", "karras", "logsnr", "ays", "stepdrop")
 # Methods whose output does not depend on rho: measured once per (tier, budget, sampler, seed); rho column "all".
 RHO_FREE = ("uniform", "karras", "logsnr", "ays", "oracle")
 BENCH_SAMPLERS = ("ddim", "dpmpp-2m", "euler", "consistency")

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from abcd_edge import paths
-from abcd_edge.bench.grid import ALL_RHO, BASELINES, METHODS, REF_N, REF_SEED
+from abcd_edge.bench.grid import ALL_RHO, METHODS, REF_N, REF_SEED, STATIC_METHODS
 from abcd_edge.bench.store import (RESULTS_CSV, FEATURES_DIR, block_key, load_features,
                                    read_csv, stream_key)
 from abcd_edge.core.budget import parse_budget
@@ -260,7 +260,7 @@ def wins_table(cells: list[dict]) -> list[dict]:
 
 def goals(cells: list[dict], meta: dict) -> dict:
     """The issue's goals: ABCD success >= 99.9 % on real tiers at budgets >= 3x p50 step; ABCD feature-FID <=
-    0.9x the best baseline's (among baselines ABCD matches or beats on success) on >= 80 % of settings."""
+    0.9x the best static method's (among those ABCD matches or beats on success) on >= 80 % of settings."""
     from abcd_edge.formats.profile import load_profile
 
     batch = meta["grid"]["batch"]
@@ -281,7 +281,7 @@ def goals(cells: list[dict], meta: dict) -> dict:
         a = ms.get("abcd")
         if not a or a["fid"] is None:
             continue
-        cands = [ms[b] for b in BASELINES if b in ms and ms[b]["fid"] is not None and ms[b]["success"] is not None
+        cands = [ms[b] for b in STATIC_METHODS if b in ms and ms[b]["fid"] is not None and ms[b]["success"] is not None
                  and ms[b]["success"] <= a["success"]]
         best = min(cands, key=lambda c: c["fid"]) if cands else None
         g2.append(dict(setting=" ".join(map(str, k)), abcd_fid=a["fid"], best=best["method"] if best else None,

@@ -150,7 +150,8 @@ def render_summary(cells: list[dict], meta: dict, preds: list[dict], wins: list[
     else:
         L.append("- ABCD success >= 99.9 % on real tiers at budgets >= 3x the p50 step: no such setting in this grid")
     if gl["qub_goal_share"] is not None:
-        L.append(f"- ABCD feature-FID <= 0.9x the best baseline's at equal or better success on >= 80 % of settings: "
+        L.append(f"- ABCD feature-FID <= 0.9x the best static method's (uniform, karras, logsnr, ays, stepdrop) at equal "
+                 f"or better success on >= 80 % of settings: "
                  f"{'MET' if gl['qub_goal_met'] else 'NOT MET'} ({_fmt(gl['qub_goal_share'], True)} of "
                  f"{len(gl['qub_goal'])} settings)")
         for g in gl["qub_goal"]:
@@ -179,7 +180,8 @@ def render_summary(cells: list[dict], meta: dict, preds: list[dict], wins: list[
                      for r, v in info.items() if isinstance(v, dict)]
             L.append(f"- {k}: " + "; ".join(parts))
         L.append("")
-    L.append("Plots: `success_vs_budget_*.png`, `fid_vs_budget_*.png`, `latency_hist_*.png`, `utilisation.png`.")
+    L.append("Plots: `success_vs_budget_*.png`, `fid_vs_budget_*.png`, `latency_hist_*.png`, `utilisation.png`, "
+             "`examples.png` (one seed's image at each budget, time-uniform above ABCD).")
     text = "\n".join(L) + "\n"
     return text.replace(str(paths.REPO_ROOT) + os.sep, "")   # repository paths shown relative
 

@@ -45,7 +45,7 @@ class CalibrationConfig:
     gate_noises: int = 256         # held-out noises the gate judges on (fixed seed)
     wg_iters: int = 1500
     wg_lr: float = 3e-3
-    cost_iters: int = 800
+    cost_iters: int = 3000
     ays: bool = False              # also (re)train the AYS-like baseline (a bench method; slow)
     train_noises: int = 64         # the AYS-like baseline's teacher noises
     wg_batch: int = 8              # ... and its batch

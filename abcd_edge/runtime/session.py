@@ -38,7 +38,7 @@ from abcd_edge.runtime.cost import CostModel, OnlineCorrection
 from abcd_edge.runtime.plan import RULE_MAX_STEPS, RequestPlan, auto_sampler, budget_in_ms, check_request, plan_request
 from abcd_edge.runtime.report import REPORT_SCHEMA_VERSION, RequestReport
 
-COST_PREDICTOR_TOLERANCE = 0.25   # the predictor's step tail may differ this much from the profile's p99
+COST_PREDICTOR_TOLERANCE = 0.10   # the predictor's step tail may differ this much from the profile's p99
 WARMUP_CALLS = 5           # warm-up (see _warm_up): steady when the median of the last 5 calls
 WARMUP_TOLERANCE = 1.25    # is within 1.25 x the profile's step p50,
 WARMUP_MAX_S = 5.0         # or gives up (with a note) after 5 s per batch
@@ -209,7 +209,7 @@ class AnytimeRuntime:
             rng = np.random.default_rng(seed)
             shape = (batch, self.manifest.channels, self.manifest.resolution, self.manifest.resolution)
             noise = rng.standard_normal(shape).astype(np.float32)
-            smp = make_sampler(sampler, self.schedule, plan.sigmas, self.manifest.prediction_type)
+            smp = make_sampler(plan.sampler, self.schedule, plan.sigmas, self.manifest.prediction_type)
             rules = AnytimeRules(plan, clock)
 
             self.meter.start()

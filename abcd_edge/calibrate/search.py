@@ -106,7 +106,8 @@ def feasible(log_sigmas: np.ndarray, log_lo: float, log_hi: float) -> bool:
 
 
 def coordinate_search(objective: Callable[[np.ndarray], float], start: np.ndarray, log_lo: float, log_hi: float,
-                      deltas: tuple[float, ...] = DELTAS, on_eval: Callable[[], None] | None = None) -> SearchResult:
+                      deltas: tuple[float, ...] = DELTAS, on_eval: Callable[[], None] | None = None,
+                      start_score: float | None = None) -> SearchResult:
     """Coordinate descent on the free log-sigmas of ``start`` (its first sigma is sigma_max, kept).
 
     Coordinates are visited from the last step to the second (the cheap ones first: a change
@@ -114,7 +115,7 @@ def coordinate_search(objective: Callable[[np.ndarray], float], start: np.ndarra
     improves the objective, then the next; one pass per delta."""
     best = np.log(np.asarray(start, np.float64))
     best[0] = log_hi
-    best_score = start_score = objective(np.exp(best))
+    best_score = start_score = objective(np.exp(best)) if start_score is None else start_score
     evaluations, history = 1, [best_score]
     for delta in deltas:
         for k in range(len(best) - 1, 0, -1):
@@ -181,7 +182,8 @@ def search_schedules(state) -> dict[str, dict[str, dict]]:
                 scores = {name: objective(sig) for name, sig in starts.items()}
                 first = min(scores, key=scores.get)
                 result = coordinate_search(objective, starts[first], lo, hi, deltas=deltas_for(n),
-                                           on_eval=lambda: bar.set_postfix(sampler=sampler, n=n))
+                                           on_eval=lambda: bar.set_postfix(sampler=sampler, n=n),
+                                           start_score=scores[first])
                 done = {**result.to_json(), "start": first, "start_scores": {k: round(v, 4) for k, v in scores.items()}}
                 table.setdefault(sampler, {})[str(n)] = done
                 with atomic_path(f) as p:

@@ -43,10 +43,10 @@ evaluate-demo: $(STAMP)
 export: $(STAMP)
 	$(CLI) export --model demo --out export/demo --bench
 
-## the two real CPU tiers of this machine kind
+## the two real CPU tiers of this machine kind (--force: replaces the committed ones, measured on another machine)
 profile: $(STAMP)
-	$(CLI) profile --artifact export/demo --backend ort-cpu --threads 2 --batch 1,4 --runs 300 --out profiles/cpu-2t.json
-	$(CLI) profile --artifact export/demo --backend ort-cpu --threads 1 --batch 1,4 --runs 300 --out profiles/cpu-1t.json
+	$(CLI) profile --artifact export/demo --backend ort-cpu --threads 2 --batch 1,4 --runs 300 --out profiles/cpu-2t.json --force
+	$(CLI) profile --artifact export/demo --backend ort-cpu --threads 1 --batch 1,4 --runs 300 --out profiles/cpu-1t.json --force
 
 ## search, fit and gate the controller (keeps calibration/demo/ays.json; SEED=1 for a second run)
 SEED ?= 0

@@ -31,6 +31,31 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def check_output_file(target: str | os.PathLike, flag: str) -> Path:
+    """Refuse (one-line UserError naming ``flag``) an output path that cannot be written as a file, before
+    any work: an existing folder, a parent that is a file, or a folder this process cannot create files in
+    (probed with a temp file, removed at once: permission bits, read-only mounts, root alike). Creates no folder.
+    """
+    from abcd_edge.errors import UserError
+
+    target = Path(target)
+    if target.is_dir():
+        raise UserError(f"{flag} {str(target)!r} is a folder; give a file path (e.g. {str(target / 'name')!r})")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent          # the folders below it are created when written, like mkdir -p
+    if not ancestor.is_dir():
+        raise UserError(f"{flag} {str(target)!r} cannot be written: {str(ancestor)!r} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=ancestor)
+    except OSError as exc:
+        raise UserError(f"{flag} {str(target)!r} cannot be written: no permission to create files in "
+                        f"{str(ancestor)!r} ({exc.strerror}); give a writable path") from None
+    os.close(fd)
+    os.unlink(probe)
+    return target
+
+
 def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)

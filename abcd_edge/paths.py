@@ -1,4 +1,5 @@
-"""Where the embedded defaults live: the repository's export/, profiles/, calibration/ folders."""
+"""Where the embedded defaults live: the repository's export/, profiles/, calibration/ folders in a checkout;
+in an installed wheel, the demo bundle under abcd_edge/embedded/ (formats/bundle.py)."""
 from __future__ import annotations
 
 import os
@@ -10,12 +11,30 @@ PROFILES_DIR = REPO_ROOT / "profiles"
 CALIBRATION_DIR = REPO_ROOT / "calibration"
 
 DEMO_MODEL_DIR = EXPORT_DIR / "demo-model"      # diffusers folder: unet/ + scheduler/ (torch side)
-DEMO_ARTIFACT_DIR = EXPORT_DIR / "demo"         # denoiser.onnx + manifest.json (torch-free side)
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"   # in a wheel: the demo bundle (setup.py makes it)
+DEMO_ARTIFACT_DIR = (EXPORT_DIR / "demo"        # denoiser.onnx + manifest.json (torch-free side) in a checkout,
+                     if (EXPORT_DIR / "demo" / "manifest.json").is_file()
+                     else EMBEDDED_DIR / "demo")  # else the bundle the wheel ships (+ profiles/, controller/)
 FEATURENET_DIR = EXPORT_DIR / "featurenet"      # featurenet.onnx + weights: what calibration optimises
 EVALNET_DIR = EXPORT_DIR / "evalnet"            # another seed and architecture: what judges (bench, gate)
 CALIBRATION_REF_SEED = 4321                     # generator data seed of the calibration net's reference
 EVAL_REF_SEED = 8765                            # ... and of the evaluation net's (other images)
 REF_N = 2048
+
+
+def portable(path: str | os.PathLike) -> str:
+    """A path as results meant for committing record it: relative to the repository when inside it, so a
+    bench made in one clone resumes in another."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def from_portable(path: str | os.PathLike) -> Path:
+    """The inverse of :func:`portable`: a relative path that exists under the repository is that file."""
+    p = Path(path)
+    return REPO_ROOT / p if not p.is_absolute() and (REPO_ROOT / p).exists() else p
 
 
 def user_cache_dir() -> Path:

@@ -267,7 +267,7 @@ def goals(cells: list[dict], meta: dict) -> dict:
     p50 = {}
     for t in meta["tiers"]:
         try:
-            p50[t["name"]] = load_profile(t["profile_path"]).for_batch(batch).step.p50_ms
+            p50[t["name"]] = load_profile(paths.from_portable(t["profile_path"])).for_batch(batch).step.p50_ms
         except UserError:
             p50[t["name"]] = None
     g1 = []

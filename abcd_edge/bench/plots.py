@@ -11,7 +11,28 @@ from abcd_edge.bench.grid import METHODS
 from abcd_edge.bench.store import EXAMPLES_DIR, RESULTS_CSV, example_name, read_csv, slug
 
 
+MATPLOTLIB_MISSING = "plots skipped: matplotlib is not installed (pip install matplotlib)"
+PLOT_DESCRIPTIONS = {"examples.png": "one seed's image at each budget, time-uniform above ABCD"}
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plots_line(plots: list[str], note: str | None = None) -> str:
+    """summary.md's line naming the plots actually written (or why there are none)."""
+    if not plots:
+        return f"Plots: none — {note}." if note else "Plots: none."
+    return "Plots: " + ", ".join(f"`{p}`" + (f" ({PLOT_DESCRIPTIONS[p]})" if p in PLOT_DESCRIPTIONS else "")
+                                 for p in plots) + "."
+
+
 def make_plots(out: Path, cells: list[dict]) -> list[str]:
+    """Write the plots into ``out``; return the names of those written ([] without matplotlib)."""
     try:
         import matplotlib
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from abcd_edge import paths
 from abcd_edge.bench.ays import load_ays
 from abcd_edge.bench.grid import GridSpec, parse_grid_args, validate_spec
 from abcd_edge.bench.load import busy_core
@@ -30,12 +31,17 @@ from abcd_edge.bench.teacher import TeacherCache
 from abcd_edge.bench.tiers import Tier, TierSession, controller_dir, open_tier, resolve_tiers
 from abcd_edge.core.budget import parse_budget
 from abcd_edge.errors import UserError
+from abcd_edge.formats.manifest import sha256_file
 from abcd_edge.io import write_json_atomic
 
 
 def _config_key(spec: GridSpec, tiers: list[Tier], manifest_hash: str, controller_id: str) -> str:
-    cfg = dict(asdict(spec), tiers=[asdict(t) for t in tiers], manifest_hash=manifest_hash, controller=controller_id)
-    cfg.pop("name", None)
+    """What the results depend on, by content (the artifact's hash, each tier's profile bytes, the controller's
+    bytes), never by where the files lie: the same configuration resumes in any clone."""
+    tier_ids = [dict(asdict(t), profile_path=sha256_file(paths.from_portable(t.profile_path))) for t in tiers]
+    cfg = dict(asdict(spec), tiers=tier_ids, manifest_hash=manifest_hash, controller=controller_id)
+    for where in ("name", "artifact"):
+        cfg.pop(where, None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -48,7 +54,7 @@ def _controller_identity(spec: GridSpec, manifest_name: str) -> str:
         p = Path(cdir) / f
         if p.is_file():
             h.update(p.read_bytes())
-    return f"{cdir}#{h.hexdigest()[:12]}"
+    return f"{paths.portable(cdir)}#{h.hexdigest()[:12]}"
 
 
 def estimate_seconds(spec: GridSpec, tiers: list[Tier]) -> dict:
@@ -61,11 +67,11 @@ def estimate_seconds(spec: GridSpec, tiers: list[Tier]) -> dict:
     out, tot = {}, 0.0
     p50_local = None
     for t in tiers:
-        bp = load_profile(t.profile_path).for_batch(spec.batch)
+        bp = load_profile(paths.from_portable(t.profile_path)).for_batch(spec.batch)
         if t.kind != "replay":
             p50_local = bp.step.p50_ms if p50_local is None else min(p50_local, bp.step.p50_ms)
     for t in tiers:
-        bp = load_profile(t.profile_path).for_batch(spec.batch)
+        bp = load_profile(paths.from_portable(t.profile_path)).for_batch(spec.batch)
         s = 0.0
         for b in spec.budgets:
             ms = parse_budget(b).ms
@@ -168,10 +174,10 @@ def _run_grid(spec, out: Path, resume, quality, progress, tiers, log) -> Path:
     est = estimate_seconds(spec, tiers)
     meta = dict(config_key=key, grid=asdict(spec), samples_per_setting=spec.samples_per_setting,
                 requests_per_seed=req, tiers=[dict(asdict(t), simulated=t.simulated) for t in tiers],
-                artifact=str(artifact), manifest_hash=mhash, controller=controller_id,
+                artifact=paths.portable(artifact), manifest_hash=mhash, controller=controller_id,
                 quality=quality.description if quality else qnote, teacher=f"{spec.teacher_steps}-step "
                 "time-uniform DDIM from the same noise", estimate_s=est,
-                command=" ".join(sys.argv),
+                command="abcd-edge " + " ".join(sys.argv[1:]),
                 started_utc=(old_meta or {}).get("started_utc") if rows else started,
                 resumed_utc=started if rows else None,
                 machine=hardware.machine_info(), stepdrop={}, tier_sessions={}, finished_utc=None)
@@ -206,9 +212,10 @@ def _run_grid(spec, out: Path, resume, quality, progress, tiers, log) -> Path:
                     if _controller_identity(spec, manifest.name) != controller_id:
                         raise UserError(f"the controller under {spec.controller!r} changed during the run "
                                         "(recalibrated?); rerun the bench with --no-resume once it is final")
+                    cdir = Path(sess.controller_dir) if sess.controller_dir else None
                     meta["tier_sessions"][tier.name] = dict(
-                        controller=sess.controller_dir or "rule-based", ays=load_ays(
-                            Path(sess.controller_dir) if sess.controller_dir else None, sess.base.manifest_hash)[1],
+                        controller=paths.portable(cdir) if cdir else "rule-based",
+                        ays=load_ays(cdir, sess.base.manifest_hash)[1],
                         overhead_scale=round(sess.overhead_scale, 4), local_step_p50_ms=sess.local_step_p50_ms,
                         minimum_ms={s: round(sess.base.minimum_ms(spec.batch, s), 3) for s in spec.samplers},
                         notes=list(sess.abcd.notes))

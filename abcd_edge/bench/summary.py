@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
 from abcd_edge import paths
 from abcd_edge.bench.grid import METHODS
 from abcd_edge.bench.metrics import Quality, compute_cells, goals, predictor_errors, wins_table
-from abcd_edge.bench.plots import make_plots
+from abcd_edge.bench.plots import MATPLOTLIB_MISSING, have_matplotlib, make_plots, plots_line
 from abcd_edge.bench.store import FEATURES_DIR
 from abcd_edge.errors import UserError
 from abcd_edge.io import write_bytes_atomic, write_json_atomic
@@ -29,7 +30,9 @@ def _fmt_ci(ci, pct=False, digits=2):
     return f" [{_fmt(ci[0], pct, digits)}, {_fmt(ci[1], pct, digits)}]"
 
 
-def render_summary(cells: list[dict], meta: dict, preds: list[dict], wins: list[dict], gl: dict) -> str:
+def render_summary(cells: list[dict], meta: dict, preds: list[dict], wins: list[dict], gl: dict,
+                   plots: list[str] = (), plots_note: str | None = None) -> str:
+    """summary.md; its plots line names only ``plots`` (those written), or ``plots_note`` when there are none."""
     spec = meta["grid"]
     L = [f"# abcd-edge bench — grid `{spec['name']}`", ""]
     L.append(f"Artifact `{meta['artifact']}` (manifest {meta['manifest_hash'][:12]}), controller: "
@@ -180,8 +183,7 @@ def render_summary(cells: list[dict], meta: dict, preds: list[dict], wins: list[
                      for r, v in info.items() if isinstance(v, dict)]
             L.append(f"- {k}: " + "; ".join(parts))
         L.append("")
-    L.append("Plots: `success_vs_budget_*.png`, `fid_vs_budget_*.png`, `latency_hist_*.png`, `utilisation.png`, "
-             "`examples.png` (one seed's image at each budget, time-uniform above ABCD).")
+    L.append(plots_line(plots, plots_note))
     text = "\n".join(L) + "\n"
     return text.replace(str(paths.REPO_ROOT) + os.sep, "")   # repository paths shown relative
 
@@ -218,7 +220,10 @@ def _summarize(out: Path, quality, log) -> Path:
     wins = wins_table(cells)
     gl = goals(cells, meta)
     plots = make_plots(out, cells)
-    write_bytes_atomic(out / "summary.md", render_summary(cells, meta, preds, wins, gl).encode())
+    plots_note = None if have_matplotlib() else MATPLOTLIB_MISSING
+    if plots_note:                      # said once per summary, not per plot
+        (log or (lambda s: print(f"abcd-edge bench: {s}", file=sys.stderr)))(plots_note)
+    write_bytes_atomic(out / "summary.md", render_summary(cells, meta, preds, wins, gl, plots, plots_note).encode())
     write_json_atomic(out / "summary.json", dict(cells=cells, predictor=preds, wins=wins, goals=gl, plots=plots))
     if log:
         log(f"summary -> {out / 'summary.md'}")

@@ -118,7 +118,7 @@ def resolve_tiers(specs: Sequence[str], manifest_hash: str, profiles_dir: Path =
         if name in seen:
             continue
         seen.add(name)
-        tiers.append(Tier(name=name, kind=kind, profile_path=str(path), device_id=prof.device_id,
+        tiers.append(Tier(name=name, kind=kind, profile_path=paths.portable(path), device_id=prof.device_id,
                           backend=prof.backend, threads=prof.threads))
     if not tiers:
         raise UserError("the grid is empty: no tier")
@@ -180,19 +180,20 @@ def open_tier(tier: Tier, spec: GridSpec, batch: int) -> TierSession:
 
     threads = tier.threads if not tier.simulated else (os.cpu_count() or 1)
     clock_base = clock_abcd = None
+    profile = paths.from_portable(tier.profile_path)
     if tier.simulated:
         from abcd_edge.formats.profile import load_profile
 
-        samples = load_profile(tier.profile_path).for_batch(batch).step.samples_ms
+        samples = load_profile(profile).for_batch(batch).step.samples_ms
         clock_base, clock_abcd = ReplayClock(samples), ReplayClock(samples)
-    base = AnytimeRuntime.open(spec.artifact, profile=tier.profile_path, controller=None, backend=tier.backend,
+    base = AnytimeRuntime.open(spec.artifact, profile=profile, controller=None, backend=tier.backend,
                                threads=threads, power="auto", clock=clock_base)
     try:
         base.profile.for_batch(batch)  # a UserError naming the missing batch, before any work
         cdir = controller_dir(spec.controller, base.manifest.name)
         # one ORT session for every method: methods are interleaved request by request, and a second session's
         # intra-op thread pool would go cold between its requests (measured: ~2x slower first steps at 2 threads)
-        abcd = AnytimeRuntime.open(spec.artifact, profile=tier.profile_path, controller=str(cdir) if cdir else None,
+        abcd = AnytimeRuntime.open(spec.artifact, profile=profile, controller=str(cdir) if cdir else None,
                                    backend=tier.backend, threads=threads, power="auto", clock=clock_abcd,
                                    denoiser=base.denoiser)
     except BaseException:

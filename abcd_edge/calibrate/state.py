@@ -34,6 +34,13 @@ BUDGET_RANGE_MS = (20.0, 2000.0)   # training contexts: budgets log-uniform in t
 
 SEARCH_STEPS = (2, 3, 4, 5, 6, 8, 10, 13, 16, 20)   # the first sampler's
 OTHER_STEPS = (2, 3, 5, 8)                          # every other sampler's (the search costs n^2 rollout steps)
+CAPPED_STEPS = (1, 2, 3, 4, 6, 8)                   # the first sampler's where plans stop at 8 (consistency)
+DEFAULT_SAMPLERS = ("ddim", "dpmpp-2m", "euler")
+
+
+def default_samplers(prediction_type: str) -> tuple[str, ...]:
+    """``--samplers default``: the consistency sampler for a consistency model, else DDIM, DPM++(2M), Euler."""
+    return ("consistency",) if prediction_type == "consistency" else DEFAULT_SAMPLERS
 
 
 @dataclass
@@ -141,6 +148,21 @@ def check_inputs(config: CalibrationConfig, profiles: list[Path]) -> None:
         raise UserError("calibration needs at least one --profile (measured with `abcd-edge profile`)")
 
 
+def check_steps(config: CalibrationConfig, prediction_type: str) -> None:
+    """Refuse step counts below 1, or above what the runtime plans for a sampler over this model
+    (``core.samplers.max_steps``: 8 for the consistency sampler or a consistency model)."""
+    from abcd_edge.core.samplers import max_steps
+
+    for s in config.samplers:
+        steps = config.steps_for(s)
+        cap = max_steps(s, prediction_type)
+        if not steps or min(steps) < 1 or (cap is not None and max(steps) > cap):
+            model = "a consistency model" if prediction_type == "consistency" else f"a {prediction_type} model"
+            raise UserError(f"step counts {','.join(map(str, steps))} for sampler {s!r} over {model}: accepted: "
+                            f"1 to {cap or 'any'} steps" + (f" (its plans stop at {cap}), e.g. "
+                            f"{','.join(map(str, CAPPED_STEPS))}" if cap else ""))
+
+
 @dataclass
 class CalibrationState:
     """One calibration run's inputs and everything its stages share (see the module docstring)."""
@@ -182,6 +204,7 @@ class CalibrationState:
         check_inputs(config, profiles)
         artifact, out = Path(artifact), Path(out)
         manifest = load_manifest(artifact)
+        check_steps(config, manifest.prediction_type)
         mh = manifest_hash(artifact)
         loaded = [CalibrationProfile.load(Path(p), mh) for p in profiles]
         schedule = NoiseSchedule.from_config(manifest.scheduler_config)
@@ -257,10 +280,12 @@ class CalibrationState:
         return np.asarray(sample(self.ort, smp, noise)[0], np.float32)
 
     def anchor(self) -> np.ndarray:
-        """The KL anchor of the weight generator: the density of 100 time-uniform steps."""
+        """The KL anchor of the weight generator: the density of 100 time-uniform steps (every train timestep
+        of a model with fewer)."""
         from abcd_edge.core.placement import density_of_sigmas, time_uniform_sigmas
 
-        return density_of_sigmas(time_uniform_sigmas(self.schedule, 100), self.spec.k_bins,
+        n = min(100, self.schedule.num_train_timesteps)
+        return density_of_sigmas(time_uniform_sigmas(self.schedule, n), self.spec.k_bins,
                                  self.spec.log_sigma_min, self.spec.log_sigma_max)
 
     def numpy_controller(self) -> Controller:

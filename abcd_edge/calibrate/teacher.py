@@ -11,11 +11,17 @@ import numpy as np
 from abcd_edge.calibrate.state import CalibrationState, TeacherData
 from abcd_edge.io import atomic_path
 
-TEACHER_STEPS = 200
+TEACHER_STEPS = 200   # capped at the model's train timesteps (a consistency model may have 40)
+
+
+def teacher_steps(state: CalibrationState) -> int:
+    """The teacher's step count: TEACHER_STEPS, or every train timestep of a model with fewer."""
+    return min(TEACHER_STEPS, state.schedule.num_train_timesteps)
 
 
 def teacher(state: CalibrationState) -> TeacherData:
-    """The noises and each sampler's 200-step time-uniform result (ONNX Runtime), from the checkpoint if there."""
+    """The noises and each sampler's 200-step time-uniform result (ONNX Runtime; fewer steps where the model
+    has fewer train timesteps), from the checkpoint if there."""
     from abcd_edge.core.placement import time_uniform_sigmas
 
     cfg = state.cfg
@@ -25,7 +31,7 @@ def teacher(state: CalibrationState) -> TeacherData:
         return TeacherData(z["noise_train"], {s: z[f"train_{s}"] for s in cfg.samplers})
     rng = np.random.default_rng(cfg.seed + 200)
     noise_train = rng.standard_normal((cfg.train_noises, *state.shape)).astype(np.float32)
-    sigmas = time_uniform_sigmas(state.schedule, TEACHER_STEPS)
+    sigmas = time_uniform_sigmas(state.schedule, teacher_steps(state))
     data = TeacherData(noise_train, train={s: state.run_ort(s, sigmas, noise_train) for s in cfg.samplers})
     with atomic_path(f) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, noise_train=data.noise_train, **{f"train_{s}": v for s, v in data.train.items()})

@@ -12,8 +12,14 @@ from pathlib import Path
 import click
 
 from abcd_edge import __version__, paths
-from abcd_edge.cli.options import artifact_option, device_options, int_list, threads_option
+from abcd_edge.cli.options import (artifact_option, check_threads, device_options, int_list, precision_option,
+                                   threads_option)
 from abcd_edge.errors import UserError
+
+EXIT_BAD_INPUT = 2           # a UserError: one line on stderr, nothing written
+EXIT_DEADLINE_MISSED = 3     # `run --strict`: a request missed its deadline (or energy budget); its answer is written
+EXIT_INTERRUPTED = 130       # Ctrl-C (128 + SIGINT); `run` writes the answer so far first
+SEED_MAX = 2**63 - 1         # seeds are 0..2**63-1 (numpy's generators take any non-negative int; reports stay int64)
 
 
 class _Group(click.Group):
@@ -22,7 +28,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except UserError as exc:
             click.echo(f"abcd-edge: error: {exc}", err=True)
-            ctx.exit(2)
+            ctx.exit(EXIT_BAD_INPUT)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,9 +41,11 @@ def main() -> None:
     profile   measure this device: step latency distribution, FLOP/s, power
     calibrate train the ABCD controller for an artifact and its profiles
     run       generate the best image that fits a latency or energy budget
+    bundle    one folder for the device: artifact + its profiles + its controller
     bench     the benchmark grid: ABCD vs baselines, tables and plots
     bench-runtime    what the anytime loop achieves here (success, steps vs limit, overhead)
     bench-schedules  feature-FID of the learned schedule vs static ones at equal steps
+    serve     an HTTP service: POST /generate, admitting only requests whose deadline can be met
     info      what this machine offers (providers, TensorRT, power meters)
     """
 
@@ -57,9 +65,11 @@ def info(as_json: bool) -> None:
 @click.option("--quality", "rho", default=1.0, show_default=True, type=float,
               help="rho in [0,1]: 1 spends every step the budget allows; below, the controller plans the fewest "
                    "steps whose validated feature-FID is within (1 + 0.3 (1 - rho)) of the full plan's.")
-@click.option("--sampler", default="ddim", show_default=True,
-              help="ddim, dpmpp-2m, euler, consistency, or auto (the calibrated sampler with the best validated "
-                   "feature-FID at the steps the budget allows).")
+@click.option("--sampler", default="default", show_default=True,
+              help="default (the artifact's own: consistency for a consistency model, else ddim), ddim, dpmpp-2m, "
+                   "euler, consistency, or auto (the calibrated sampler with the best validated feature-FID at the "
+                   "steps the budget allows). The consistency sampler, and any over a consistency model, plans at "
+                   "most 8 steps.")
 @click.option("--placement", "--schedule", "placement", default="auto", show_default=True,
               help="Where the steps go: auto (controller when calibrated, else uniform), controller, uniform, "
                    "karras, logsnr.")
@@ -73,13 +83,27 @@ def info(as_json: bool) -> None:
 @click.option("--best-effort", is_flag=True, help="Below the minimum achievable budget, answer anyway (late).")
 @click.option("--requests", default=1, show_default=True, type=int,
               help="Serve N requests on one warm session (seeds seed..seed+N-1) and report a summary.")
-@click.option("--out", default="out/run.png", show_default=True, type=click.Path(), help="Output PNG.")
+@click.option("--out", default="out/run.png", show_default=True, type=click.Path(),
+              help="Output image; the suffix picks the format: .png, .jpg/.jpeg, .webp (where Pillow has WebP).")
 @click.option("--report", default="out/run.json", show_default=True, type=click.Path(), help="Output JSON report.")
-def run(budget, rho, sampler, placement, seed, batch, artifact, profile, controller, backend, threads, power,
-        best_effort, requests, out, report) -> None:
-    """Generate the best image the device can make before the budget runs out."""
+@click.option("--strict", is_flag=True,
+              help=f"Exit {EXIT_DEADLINE_MISSED} when any request missed its deadline (the answer is still "
+                   "written); without it a late answer exits 0.")
+@click.pass_context
+def run(ctx, budget, rho, sampler, placement, seed, batch, artifact, profile, controller, backend, threads, power,
+        best_effort, requests, out, report, strict) -> None:
+    """Generate the best image the device can make before the budget runs out.
+
+    \b
+    Exit codes: 0 answered; 2 bad input (one line, nothing written);
+    3 with --strict, a request missed its deadline; 130 Ctrl-C: the last
+    completed step's image and a report (exit_reason "interrupted") are
+    written first, nothing when no step had finished.
+    """
     from abcd_edge.core.budget import parse_budget
-    from abcd_edge.runtime.serve import serve
+    from abcd_edge.core.images import image_format
+    from abcd_edge.io import check_output_file
+    from abcd_edge.runtime.serve import serve_requests
 
     b = parse_budget(budget)
     if not 0.0 <= rho <= 1.0:
@@ -88,11 +112,28 @@ def run(budget, rho, sampler, placement, seed, batch, artifact, profile, control
         raise UserError(f"--batch {batch} must be >= 1")
     if requests < 1:
         raise UserError(f"--requests {requests} must be >= 1")
-    line = serve(budget=b, rho=rho, sampler=sampler, placement=placement, seed=seed, batch=batch,
-                 artifact=artifact, profile=profile, controller=controller,
-                 backend=backend, threads=threads, power=power, best_effort=best_effort, requests=requests,
-                 out=Path(out), report=Path(report))
-    click.echo(line)
+    if not 0 <= seed <= SEED_MAX - (requests - 1):
+        raise UserError(f"--seed {seed} is outside 0..2**63-1" + (f" (with --requests {requests}, seed + "
+                        f"{requests - 1} must be too)" if 0 <= seed <= SEED_MAX else ""))
+    threads = check_threads(backend, threads)
+    check_output_file(out, "--out")
+    image_format(out, "--out")
+    check_output_file(report, "--report")
+    if Path(out).absolute() == Path(report).absolute():
+        raise UserError(f"--report {report!r} is the --out image's path; give the report its own file")
+    res = serve_requests(budget=b, rho=rho, sampler=sampler, placement=placement, seed=seed, batch=batch,
+                         artifact=artifact, profile=profile, controller=controller,
+                         backend=backend, threads=threads, power=power, best_effort=best_effort, requests=requests,
+                         out=Path(out), report=Path(report))
+    if res.line:
+        click.echo(res.line)
+    if res.interrupted:
+        click.echo(f"abcd-edge: {res.note}", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    if strict and res.missed:
+        click.echo(f"abcd-edge: {res.missed} of {requests} request(s) missed the budget {b} (--strict: exit "
+                   f"{EXIT_DEADLINE_MISSED})", err=True)
+        ctx.exit(EXIT_DEADLINE_MISSED)
 
 
 @main.command()
@@ -108,14 +149,17 @@ def run(budget, rho, sampler, placement, seed, batch, artifact, profile, control
 @click.option("--bench", is_flag=True, help="Also print ORT vs torch step latency for the demo and a CIFAR-10-sized UNet.")
 def export(model, controller_dir, out, resolution, batch, fp16, trt, opset, bench) -> None:
     """Export a frozen denoiser (and/or a calibrated controller) to deployable artifacts."""
-    from abcd_edge.export import export_bench, export_model, format_bench
+    from abcd_edge.extras import CALIBRATE_MODULES, EXPORT_MODULES, require
 
     if model is None and controller_dir is None:
         raise UserError("export needs --model (demo, a diffusers folder or a hub id) and/or --controller DIR")
+    require("export", "export", *(EXPORT_MODULES if model is not None or bench else CALIBRATE_MODULES))
+    from abcd_edge.export import export_bench, export_model, format_bench
+
     if model is not None:
         batches = int_list(batch, "--batch")
         manifest = export_model(model, Path(out), resolution=resolution, batches=batches, fp16=fp16, trt=trt,
-                                opset=opset)
+                                opset=opset, progress=sys.stderr.isatty())   # no bar left before a one-line error
         click.echo(f"exported {manifest.name} -> {out}: {manifest.flops_per_step / 1e9:.3f} GFLOP/step, "
                    f"parity max abs {manifest.parity['max_abs']:.2e}")
     if controller_dir is not None:
@@ -129,17 +173,35 @@ def export(model, controller_dir, out, resolution, batch, fp16, trt, opset, benc
 
 @main.command()
 @device_options
+@precision_option
 @click.option("--batch", default="1", show_default=True, help="Batch sizes, e.g. 1,4.")
 @click.option("--runs", default=300, show_default=True, type=int, help="Timed steps per batch (>= 200 for tails).")
 @click.option("--out", default=None, type=click.Path(), help="Default: profiles/<device id>.json")
-def profile(artifact, backend, threads, power, batch, runs, out) -> None:
+@click.option("--force", is_flag=True,
+              help="Replace a profile at --out even when it holds batches not measured now, or is of another "
+                   "artifact or device (refused otherwise).")
+def profile(artifact, backend, threads, power, precision, batch, runs, out, force) -> None:
     """Measure this device for an artifact and write a device profile (JSON)."""
-    from abcd_edge.profiling.measure import measure_profile
+    from abcd_edge.device.backends import check_precision
+    from abcd_edge.device.hardware import device_id
+    from abcd_edge.io import check_output_file
+    from abcd_edge.profiling.measure import check_profile_target, measure_profile
 
+    # everything that can refuse is checked before minutes of measuring
+    threads = check_threads(backend, threads)
+    batches = int_list(batch, "--batch")
+    if runs < 1:
+        raise UserError(f"--runs {runs} must be at least 1 (>= 200 recommended for stable tails)")
+    check_precision(precision)
+    device = device_id(backend, threads, precision=precision)
+    target = Path(out) if out else paths.PROFILES_DIR / f"{device}.json"
+    label = "--out" if out else "the default --out"
+    check_output_file(target, label)
+    if not force:
+        check_profile_target(target, artifact, device, batches, label)
     command = "abcd-edge profile " + " ".join(sys.argv[2:])
-    prof = measure_profile(Path(artifact), backend=backend, threads=threads, batches=int_list(batch, "--batch"),
-                           runs=runs, power=power, command=command)
-    target = Path(out) if out else paths.PROFILES_DIR / f"{prof.device_id}.json"
+    prof = measure_profile(Path(artifact), backend=backend, threads=threads, batches=batches,
+                           runs=runs, power=power, command=command, precision=precision)
     prof.save(target)
     for bp in prof.batches:
         click.echo(f"batch {bp.batch}: step p50 {bp.step.p50_ms:.3f} ms, p99 {bp.step.p99_ms:.3f} ms, "
@@ -155,11 +217,14 @@ def profile(artifact, backend, threads, power, batch, runs, out) -> None:
 @artifact_option
 @click.option("--profile", "profiles", multiple=True, type=click.Path(),
               help="Device profile(s) of this artifact (repeat). Default: the committed profiles for it.")
-@click.option("--samplers", default="ddim,dpmpp-2m,euler", show_default=True)
+@click.option("--samplers", default="default", show_default=True,
+              help="Comma list of ddim, dpmpp-2m, euler, consistency; default: consistency for a consistency "
+                   "model, else ddim,dpmpp-2m,euler.")
 @click.option("--out", default=None, type=click.Path(), help="Default: calibration/<artifact name>")
 @click.option("--iters", default=None, type=int, help="Weight-generator fitting iterations (default 1500).")
 @click.option("--steps", "search_steps", default=None,
-              help="Step counts to search, fit and gate, e.g. 2,3,5,8 (default 2,3,4,5,6,8,10,13,16,20).")
+              help="Step counts to search, fit and gate, e.g. 2,3,5,8 (default 2,3,4,5,6,8,10,13,16,20; "
+                   "1,2,3,4,6,8 where plans stop at 8 steps: the consistency sampler or a consistency model).")
 @click.option("--ays/--no-ays", default=False, show_default=True,
               help="Also retrain the AYS-like baseline the bench compares with (slow; without it the "
                    "folder's existing ays.json for this artifact is kept).")
@@ -178,6 +243,9 @@ def calibrate(artifact, profiles, samplers, out, iters, search_steps, ays, calib
     network), and fit the cost predictor."""
     import dataclasses
 
+    from abcd_edge.extras import CALIBRATE_MODULES, require
+
+    require("calibrate", "export", *CALIBRATE_MODULES, *(("diffusers",) if ays else ()))
     from abcd_edge.calibrate import CalibrationConfig, calibrate as run_calibration
     from abcd_edge.formats.manifest import load_manifest, manifest_hash
 
@@ -189,9 +257,16 @@ def calibrate(artifact, profiles, samplers, out, iters, search_steps, ays, calib
         if not profiles:
             raise UserError(f"no profile under {paths.PROFILES_DIR} matches artifact {artifact!r}; "
                             "measure one with `abcd-edge profile` or pass --profile")
-    names = tuple(s for s in samplers.split(",") if s)
+    from abcd_edge.calibrate.state import CAPPED_STEPS, check_steps, default_samplers
+    from abcd_edge.core.samplers import max_steps
+
+    names = (default_samplers(manifest.prediction_type) if samplers == "default"
+             else tuple(s for s in samplers.split(",") if s))
     config = CalibrationConfig(samplers=names, threads=threads, seed=seed, ays=ays, calibration_net=calibration_net,
                                evaluation_net=evaluation_net)
+    cap = max_steps(names[0], manifest.prediction_type) if names else None
+    if search_steps is None and cap is not None:   # plans stop at cap steps: search 1..cap
+        config = dataclasses.replace(config, search_steps=tuple(n for n in CAPPED_STEPS if n <= cap))
     if iters is not None:
         if iters < 1:
             raise UserError(f"--iters {iters} must be >= 1")
@@ -201,9 +276,13 @@ def calibrate(artifact, profiles, samplers, out, iters, search_steps, ays, calib
             steps = tuple(sorted({int(v) for v in search_steps.split(",") if v.strip()}))
         except ValueError:
             steps = ()
-        if not steps or steps[0] < 2:
-            raise UserError(f"--steps {search_steps!r} must be a comma-separated list of step counts >= 2")
+        if not steps or steps[0] < 1:
+            raise UserError(f"--steps {search_steps!r} must be a comma-separated list of step counts >= 1")
         config = dataclasses.replace(config, search_steps=steps)
+    try:
+        check_steps(config, manifest.prediction_type)
+    except UserError as exc:
+        raise UserError(f"--steps/--samplers: {exc}") from None
     target = Path(out) if out else paths.CALIBRATION_DIR / manifest.name
     report = run_calibration(Path(artifact), [Path(p) for p in profiles], target, config,
                              command="abcd-edge calibrate " + " ".join(sys.argv[2:]))
@@ -214,6 +293,40 @@ def calibrate(artifact, profiles, samplers, out, iters, search_steps, ays, calib
             for n, row in rows.items()))
 
 
+@main.command()
+@artifact_option
+@click.option("--profile", "profiles", multiple=True, type=click.Path(),
+              help="Device profile(s) to carry (repeat). Default: every committed profile of this artifact.")
+@click.option("--controller", default="auto", show_default=True, type=str,
+              help="Calibration folder to carry: 'auto' (calibration/<artifact name>/ when it matches), a folder, "
+                   "or 'none'.")
+@click.option("--out", required=True, type=click.Path(), help="Bundle folder to write (replaced atomically).")
+def bundle(artifact, profiles, controller, out) -> None:
+    """One folder to copy to the device: the artifact with its profiles/ and controller/ inside.
+
+    \b
+    abcd-edge bundle --artifact export/demo --out bundles/demo
+    scp -r bundles/demo jetson:     # then, on the device:
+    abcd-edge profile --bundle demo --backend ort-cuda --batch 1,4 --out demo/profiles/jetson.json
+    abcd-edge run --bundle demo --backend ort-cuda --budget 150ms
+    """
+    from abcd_edge.formats.bundle import make_bundle
+    from abcd_edge.formats.manifest import load_manifest, manifest_hash
+    from abcd_edge.runtime.discover import load_controller, profiles_for
+
+    mhash = manifest_hash(artifact)
+    if not profiles:
+        profiles = profiles_for(mhash)
+    notes: list[str] = []
+    _, ctl_dir = load_controller(controller, load_manifest(artifact, verify_hashes=False).name, mhash, notes,
+                                 Path(artifact))
+    path = make_bundle(artifact, out, profiles=profiles, controller=ctl_dir)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"bundle -> {path}: artifact {mhash[:12]}, {len(profiles)} profile(s), "
+               f"{'controller' if ctl_dir else 'no controller (rule-based plans)'}")
+
+
 def _add_bench() -> None:
     """`abcd-edge bench`, `bench-runtime` and `bench-schedules` (abcd_edge/cli/bench.py); registered here."""
     from abcd_edge.cli.bench import register
@@ -221,7 +334,15 @@ def _add_bench() -> None:
     register(main)
 
 
+def _add_serve() -> None:
+    """`abcd-edge serve` (abcd_edge/cli/serve.py; fastapi and uvicorn are imported only when it runs)."""
+    from abcd_edge.cli.serve import register
+
+    register(main)
+
+
 _add_bench()
+_add_serve()
 
 if __name__ == "__main__":
     main()

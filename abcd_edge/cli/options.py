@@ -13,8 +13,9 @@ POWER_HELP = "Power meter: auto, jtop, nvml, rapl or none."
 
 
 def artifact_option(f: Callable) -> Callable:
-    return click.option("--artifact", default=str(paths.DEMO_ARTIFACT_DIR), show_default=True, type=click.Path(),
-                        help="Exported artifact folder (denoiser.onnx + manifest.json).")(f)
+    return click.option("--artifact", "--bundle", "artifact", default=str(paths.DEMO_ARTIFACT_DIR), show_default=True,
+                        type=click.Path(), help="Exported artifact folder (denoiser.onnx + manifest.json), or a "
+                        "bundle: the same with its profiles/ and controller/ inside (`abcd-edge bundle`).")(f)
 
 
 def backend_option(f: Callable) -> Callable:
@@ -30,6 +31,14 @@ def power_option(f: Callable) -> Callable:
     return click.option("--power", default="auto", show_default=True, help=POWER_HELP)(f)
 
 
+def precision_option(f: Callable) -> Callable:
+    """--precision fp32|fp16: which of the artifact's denoisers runs (fp16: denoiser.fp16.onnx from
+    `export --fp16`). Not in device_options: only the verbs that pass it on take it."""
+    return click.option("--precision", default="fp32", show_default=True,
+                        help="fp32 (denoiser.onnx) or fp16 (denoiser.fp16.onnx, from `abcd-edge export --fp16`, "
+                             "when its measured drift left it usable); fp16 profiles have a device id of their own.")(f)
+
+
 def device_options(f: Callable) -> Callable:
     """--artifact --backend --threads --power, in that order."""
     return artifact_option(backend_option(threads_option(power_option(f))))
@@ -39,6 +48,23 @@ def _at_least_one(ctx, param, value):
     if value is not None and value < 1:
         raise UserError(f"--{param.name} {value} must be >= 1")
     return value
+
+
+def check_threads(backend: str, threads: int | None) -> int | None:
+    """The --threads to use. On the CPU backend, more threads than the cores this process may use only
+    oversubscribe them (and a quick profile measured so would be cached and then refuse budgets): a value
+    given on the command line is refused, the default is lowered to the cores there are. On a GPU backend
+    the threads are host threads only: allowed."""
+    from abcd_edge.device.hardware import cpu_counts
+
+    logical, usable = cpu_counts()
+    if backend != "ort-cpu" or threads is None or threads <= usable:
+        return threads
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.get_parameter_source("threads") == click.core.ParameterSource.DEFAULT:
+        return usable
+    raise UserError(f"--threads {threads} is more than the {usable} CPU cores this process can use "
+                    f"(os.cpu_count() {logical}); the ort-cpu backend accepts --threads 1..{usable}")
 
 
 def int_list(value: str, flag: str) -> tuple[int, ...]:

@@ -102,6 +102,16 @@ class LoopResult:
         return len(self.step_ms)
 
 
+class LoopInterrupted(KeyboardInterrupt):
+    """Ctrl-C inside :func:`run_steps`, carrying the result so far: the last completed step's x0 (zeros
+    when none finished), reason "interrupted", and the completed steps' times. Still a KeyboardInterrupt,
+    so a caller that does not look for it stops as before."""
+
+    def __init__(self, result: LoopResult):
+        super().__init__()
+        self.result = result
+
+
 def run_steps(denoiser: Callable[..., np.ndarray], sampler: Sampler, noise: np.ndarray, *,
               rng: np.random.Generator | None = None, clock: Any = None, hooks: Hooks | None = None,
               conditioning: dict[str, np.ndarray] | None = None,
@@ -111,7 +121,7 @@ def run_steps(denoiser: Callable[..., np.ndarray], sampler: Sampler, noise: np.n
     The clock (started by the caller; default: perf_counter timing) runs each call
     so that a guard can abandon it. Before any step the x0 estimate is zeros (the
     data mean). The sampler may be re-planned by ``after_call`` while it runs: the
-    loop re-reads its length each step.
+    loop re-reads its length each step. Ctrl-C raises :class:`LoopInterrupted` with the result so far.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
     clock = clock if clock is not None else PerfClock()
@@ -121,29 +131,33 @@ def run_steps(denoiser: Callable[..., np.ndarray], sampler: Sampler, noise: np.n
     x = sampler.prepare(noise)
     x0 = noise * 0          # numpy float32 or a torch tensor: the loop is array-agnostic
     result = LoopResult(x0=x0, reason="done")
+    completed = 0           # steps whose x0 is in x0 (Ctrl-C may land between a step's parts)
     i = -1
-    while i + 1 < len(sampler):
-        i += 1
-        reason = hooks.before_step(i, sampler)
-        if reason is not None:
-            result.reason = reason
-            break
-        sample, t = sampler.model_input(x, i)
-        out, ms = clock.run_step(lambda: denoiser(sample, t, **conditioning), abandon, hooks.guard_ms(i))
-        if out is None:
-            result.reason = "guard"
-            break
-        hooks.after_call(i, sampler, ms)
-        step_noise = constant_like(rng.standard_normal(noise.shape), x) if sampler.stochastic else None
-        x, new_x0 = sampler.step(x, i, out, noise=step_noise)
-        result.step_ms.append(ms)
-        if callback is not None:
-            callback(i, new_x0)
-        reason = hooks.after_step(i, sampler, x0, new_x0)
-        x0 = new_x0
-        if reason is not None:
-            result.reason = reason
-            break
+    try:
+        while i + 1 < len(sampler):
+            i += 1
+            reason = hooks.before_step(i, sampler)
+            if reason is not None:
+                result.reason = reason
+                break
+            sample, t = sampler.model_input(x, i)
+            out, ms = clock.run_step(lambda: denoiser(sample, t, **conditioning), abandon, hooks.guard_ms(i))
+            if out is None:
+                result.reason = "guard"
+                break
+            hooks.after_call(i, sampler, ms)
+            step_noise = constant_like(rng.standard_normal(noise.shape), x) if sampler.stochastic else None
+            x, new_x0 = sampler.step(x, i, out, noise=step_noise)
+            result.step_ms.append(ms)
+            if callback is not None:
+                callback(i, new_x0)
+            reason = hooks.after_step(i, sampler, x0, new_x0)
+            x0, completed = new_x0, i + 1
+            if reason is not None:
+                result.reason = reason
+                break
+    except KeyboardInterrupt:
+        raise LoopInterrupted(LoopResult(x0=x0, reason="interrupted", step_ms=result.step_ms[:completed])) from None
     result.x0 = x0
     return result
 

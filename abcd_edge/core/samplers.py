@@ -40,6 +40,22 @@ from abcd_edge.core.noise import NoiseSchedule, array_namespace
 SAMPLER_NAMES = ("ddim", "dpmpp-2m", "euler", "consistency")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "consistency")
 SIGMA_DATA = 0.5  # the data std the consistency-model parametrisation assumes
+# A consistency model maps any noise level to its x0 in one call; multistep sampling (re-noise, jump again)
+# only refines, and gains nothing beyond a few steps (Song et al. 2023 report 1-2). Plans of the consistency
+# sampler, and of any sampler over a consistency model, are capped here.
+CONSISTENCY_MAX_STEPS = 8
+
+
+def natural_sampler(prediction_type: str) -> str:
+    """The sampler a model is made for (``--sampler default``): consistency for a consistency model, else DDIM."""
+    return "consistency" if prediction_type == "consistency" else "ddim"
+
+
+def max_steps(sampler: str, prediction_type: str = "epsilon") -> int | None:
+    """The most steps worth planning for ``sampler`` over a model of ``prediction_type`` (None: no cap)."""
+    if sampler == "consistency" or prediction_type == "consistency":
+        return CONSISTENCY_MAX_STEPS
+    return None
 
 # What the controller is told about the sampler: one-hot kind, order / 2, stochastic.
 SAMPLER_DESCRIPTORS: dict[str, tuple[float, ...]] = {

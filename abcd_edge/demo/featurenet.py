@@ -27,14 +27,19 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
+if __name__ == "__main__":   # a runtime-only install: one line naming the extra, not a ModuleNotFoundError
+    from abcd_edge.extras import require_or_exit
 
-from abcd_edge.demo.data import COLOUR_NAMES, KINDS, MAX_SHAPES, make_example
-from abcd_edge.errors import UserError
-from abcd_edge.io import atomic_dir
+    require_or_exit("python -m abcd_edge.demo.featurenet", "train", "torch", "onnx")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from abcd_edge.demo.data import COLOUR_NAMES, KINDS, MAX_SHAPES, make_example  # noqa: E402
+from abcd_edge.errors import UserError  # noqa: E402
+from abcd_edge.io import atomic_dir  # noqa: E402
 
 FORMAT = "abcd-edge-featurenet/1"
 DATA_SEED = 777                 # distinct from the diffusion model's 1234

@@ -15,13 +15,18 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
+if __name__ == "__main__":   # a runtime-only install: one line naming the extra, not a ModuleNotFoundError
+    from abcd_edge.extras import TRAIN_MODULES, require_or_exit
 
-from abcd_edge.core.images import to_model_space
-from abcd_edge.demo.data import make_images
-from abcd_edge.io import atomic_dir, atomic_path
+    require_or_exit("python -m abcd_edge.demo.train", "train", *TRAIN_MODULES)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from abcd_edge.core.images import to_model_space  # noqa: E402
+from abcd_edge.demo.data import make_images  # noqa: E402
+from abcd_edge.io import atomic_dir, atomic_path  # noqa: E402
 
 DATA_SEED = 1234
 UNET_CONFIG = dict(

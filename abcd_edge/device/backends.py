@@ -211,19 +211,40 @@ class TrtDenoiser:
 
 def open_denoiser(artifact_dir: str | Path, backend: str = "ort-cpu", threads: int | None = None,
                   precision: str = "fp32") -> Denoiser:
-    """The runtime's entry point: the artifact's ONNX (or plan) on the chosen backend."""
+    """The runtime's entry point: the artifact's ONNX (or plan) on the chosen backend.
+
+    ``precision`` "fp16" opens ``denoiser.fp16.onnx`` (``abcd-edge export --fp16``), refused in one line
+    when the artifact has none or its measured drift marked it unusable."""
     from abcd_edge.device.tensorrt import check_trt_plan, load_trt_plan_meta
     from abcd_edge.formats.manifest import load_manifest
 
+    check_precision(precision)
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir)
     if backend == "trt":
+        if precision != "fp32":
+            raise UserError(f"--precision {precision} applies to the ONNX Runtime backends; backend 'trt' runs "
+                            "denoiser.plan, whose precision was fixed when it was built (fp16 where the GPU has it)")
         meta = load_trt_plan_meta(artifact_dir, manifest)
         check_trt_plan(manifest)
         return TrtDenoiser(meta["plan_path"])
     name = "denoiser.onnx"
     if precision == "fp16":
-        if not (manifest.fp16 and manifest.fp16.get("usable")):
-            raise UserError(f"artifact {str(artifact_dir)!r} has no usable fp16 model (drift over bound or not exported)")
-        name = "denoiser.fp16.onnx"
+        fp16 = manifest.fp16
+        if not fp16:
+            raise UserError(f"--precision fp16: artifact {str(artifact_dir)!r} has no denoiser.fp16.onnx; export it "
+                            "with `abcd-edge export --fp16`, or use --precision fp32")
+        if not fp16.get("usable"):
+            raise UserError(f"--precision fp16: artifact {str(artifact_dir)!r}'s denoiser.fp16.onnx drifts "
+                            f"{fp16.get('drift_max_abs', float('nan')):.3g} from fp32 (bound "
+                            f"{fp16.get('bound', float('nan')):g}), so its export marked it unusable; use --precision fp32")
+        name = fp16.get("file") or "denoiser.fp16.onnx"
     return OrtDenoiser(artifact_dir / name, backend=backend, threads=threads)
+
+
+PRECISIONS = ("fp32", "fp16")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r} is unknown; accepted: {', '.join(PRECISIONS)}")

@@ -304,14 +304,16 @@ def _id_facts() -> dict:
             "gpu": None, "jetson": jetson_info(use_jtop=True)}
 
 
-def device_id(backend: str, threads: int | None, info: dict | None = None) -> str:
+def device_id(backend: str, threads: int | None, info: dict | None = None, precision: str = "fp32") -> str:
     """Stable, filesystem-safe id from hardware + configuration (never the host name).
 
-    ``<cpu|gpu|jetson>-<hardware slugs>-<usable cores>c-<backend>[-<threads>t]``, e.g.
+    ``<cpu|gpu|jetson>-<hardware slugs>-<usable cores>c-<backend>[-fp16][-<threads>t]``, e.g.
     ``cpu-amd-epyc-7b13-2c-ort-cpu-2t``. The GPU name enters only when the
     backend uses the GPU; on a Jetson the board model and its power mode
     (nvpmodel, ``-jc`` when jetson_clocks is on) replace the CPU/GPU names.
     ``threads`` None or 0 means the backend's default and is left out.
+    ``precision`` "fp16" (the artifact's denoiser.fp16.onnx) adds ``-fp16``: its steps cost differently,
+    so an fp32 profile never plans fp16 steps (fp32 ids are as before).
     """
     if threads is not None and int(threads) < 0:
         raise ValueError(f"threads must be >= 0 or None, got {threads}")
@@ -335,6 +337,8 @@ def device_id(backend: str, threads: int | None, info: dict | None = None) -> st
                 parts += ["gpu", hw_slug(re.sub(r"(?i)\bnvidia\b", " ", gpu["name"]))]
         parts += ["cpu", hw_slug(facts.get("cpu_model") or "unknown"), f"{cores}c"]
     parts.append(slug(backend, 32))
+    if precision != "fp32":
+        parts.append(slug(precision, 8))
     if threads:
         parts.append(f"{int(threads)}t")
     out = "-".join(p for p in parts if p)

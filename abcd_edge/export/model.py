@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from abcd_edge.errors import UserError
+from abcd_edge.export.errors import first_line
 from abcd_edge.formats.manifest import sha256_file
 
 DEFAULT_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 1e-4,
@@ -92,18 +93,51 @@ def _fetch_hf(repo_id: str) -> Path:
     except Exception:  # noqa: BLE001 - not in the cache: fall through to the network
         pass
     if getattr(constants, "HF_HUB_OFFLINE", False):
-        raise UserError(f"{repo_id!r} is not a local folder and not in the Hugging Face cache, and this machine is "
-                        "offline (HF_HUB_OFFLINE); download it where there is network and pass the folder")
+        raise UserError(f"could not reach the Hugging Face Hub for {repo_id!r} (offline: HF_HUB_OFFLINE is set) and "
+                        "it is not in the local cache; pass a local diffusers folder (download it where there is "
+                        "network)")
     try:
         return Path(snapshot_download(repo_id, etag_timeout=10, **kw))
     except Exception as exc:  # noqa: BLE001 - RepositoryNotFound, connection errors, gated repos ...
         name = exc.__class__.__name__
+        unreachable = _unreachable(exc)   # before "NotFound": offline, the Hub client raises LocalEntryNotFoundError
+        if unreachable:
+            raise UserError(f"could not reach the Hugging Face Hub for {repo_id!r} (offline? "
+                            f"{first_line(unreachable[-1])[:160]}); pass a local diffusers folder (download it "
+                            "where there is network)") from None
         if "NotFound" in name:
             raise UserError(f"no model {repo_id!r} on the Hugging Face Hub (or it is private); "
                             f"accepted: {ACCEPTED_MODELS}") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else name
         raise UserError(f"cannot fetch {repo_id!r} from the Hugging Face Hub (offline? {name}: {first}); "
                         "download it where there is network and pass the folder") from None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or during (``__cause__`` / ``__context__``)."""
+    out: list[BaseException] = []
+    while exc is not None and exc not in out and len(out) < 10:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _unreachable(exc: BaseException) -> list[BaseException]:
+    """The exceptions in ``exc``'s chain that say the Hub was not reached (not "no such model"): connection,
+    DNS and timeout errors of the OS, requests and httpx, and huggingface_hub's offline errors (offline, it
+    raises LocalEntryNotFoundError from the connection error); empty when none does."""
+    import importlib
+    import socket
+
+    kinds: list[type] = [ConnectionError, TimeoutError, socket.gaierror]
+    for module, names in (("requests.exceptions", ("ConnectionError", "Timeout")), ("httpx", ("TransportError",)),
+                          ("huggingface_hub.errors", ("LocalEntryNotFoundError", "OfflineModeIsEnabled"))):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        kinds += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
+    return [e for e in _chain(exc) if isinstance(e, tuple(kinds))]
 
 
 def _resolve_folder(model: str) -> tuple[Path, Path | None, str, Path]:
@@ -135,11 +169,36 @@ def _resolve_folder(model: str) -> tuple[Path, Path | None, str, Path]:
     else:
         raise UserError(f"--model {model!r} is not a diffusers model folder (no config.json, no unet/config.json); "
                         f"accepted: {ACCEPTED_MODELS}")
-    cls = _read_json(unet_dir / "config.json").get("_class_name")
+    unet_config = _read_json(unet_dir / "config.json")
+    cls = unet_config.get("_class_name")
     if cls != "UNet2DModel":
         raise UserError(f"--model {model!r}: {unet_dir / 'config.json'} describes {cls or 'no _class_name'}, "
                         "not a UNet2DModel (text-conditioned UNet2DConditionModel and other models are not supported)")
+    _refuse_latent(model, root, unet_dir, unet_config)
     return unet_dir, sched, source, root
+
+
+PIXEL_CHANNELS = (1, 3)            # what the runtime turns into an image: grey or RGB
+ACCEPTED_SPACE = "accepted: pixel-space UNet2DModel (3 channels, or 1 for greyscale)"
+
+
+def _refuse_latent(model: str, root: Path, unet_dir: Path, unet_config: dict) -> None:
+    """Refuse a latent diffusion model (the LDM layout: a vae/ or vqvae/ beside the UNet, or model_index.json
+    naming one) and any UNet whose samples are not 1 or 3 channels: its output is latents, not an image, and
+    decoding them (the VAE) is not supported yet."""
+    channels = unet_config.get("in_channels", 3)
+    vae = None
+    if root != unet_dir:
+        index = root / "model_index.json"
+        listed = _read_json(index) if index.is_file() else {}
+        vae = next((name for name in ("vqvae", "vae") if listed.get(name)
+                    or (root / name / "config.json").is_file()), None)
+    if vae is not None:
+        raise UserError(f"--model {model!r}: latent UNet2DModel with a {vae}/ (LDM layout, {channels}-channel "
+                        f"latents): latent models need a VAE decode, not supported yet; {ACCEPTED_SPACE}")
+    if channels not in PIXEL_CHANNELS:
+        raise UserError(f"--model {model!r}: the UNet2DModel's samples have {channels} channels, not an image's "
+                        f"(a latent model? they need a VAE decode, not supported yet); {ACCEPTED_SPACE}")
 
 
 def alphas_cumprod(config: dict) -> list[float] | None:

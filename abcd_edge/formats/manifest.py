@@ -2,7 +2,7 @@
 
 Torch-free (stdlib + numpy): the runtime loads it on a Jetson. The exporter
 (:mod:`abcd_edge.export`) writes it; everything downstream (profiles, calibrated
-controllers) is tied to one artifact by :func:`manifest_hash`. Whether a TensorRT plan
+controllers) is tied to one artifact by :func:`manifest_hash`, its content address (:func:`content_hash`). Whether a TensorRT plan
 may load on this machine is :mod:`abcd_edge.device.tensorrt`'s question.
 
 Conventions recorded in every manifest:
@@ -210,13 +210,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# What an artifact computes: its files' bytes and how they are driven. Not when, where or by which
+# versions it was made, nor what was measured about it (parity, FLOPs), nor its folder name: re-exporting
+# the same model gives the same hash, so profiles and controllers stay tied to it.
+CONTENT_FIELDS = ("model_kind", "num_class_embeds", "prediction_type", "timestep_convention", "scheduler_config",
+                  "alphas_cumprod", "resolution", "channels", "out_channels", "batch_min", "batch_max", "inputs",
+                  "outputs", "files")
+
+
+def content_hash(manifest: Manifest) -> str:
+    """sha256 of the canonical JSON of the manifest's CONTENT_FIELDS (the content address of the artifact)."""
+    content = {"content_fields": list(CONTENT_FIELDS),
+               **{name: getattr(manifest, name) for name in CONTENT_FIELDS}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def manifest_hash(artifact_dir: str | os.PathLike) -> str:
-    """sha256 of the ``manifest.json`` bytes: profiles and controllers are tied to an artifact by it."""
-    path = Path(artifact_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise UserError(f"no {MANIFEST_NAME} in {str(artifact_dir)!r}: not an abcd-edge artifact "
-                        "(make one with `abcd-edge export`)")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The artifact's content hash (:func:`content_hash`): profiles and controllers are tied to an artifact by it."""
+    return content_hash(load_manifest(artifact_dir, verify_hashes=False))
 
 
 def load_manifest(artifact_dir: str | os.PathLike, verify_hashes: bool = True) -> Manifest:

@@ -17,6 +17,33 @@ from abcd_edge.formats.profile import (CV_WARNING, SCHEMA_VERSION, BatchProfile,
                                        PowerInfo)
 
 
+def check_profile_target(target: str | Path, artifact_dir: str | Path, device: str, batches: tuple[int, ...],
+                         label: str = "--out") -> None:
+    """Refuse (one-line UserError) to replace a profile at ``target`` that this measurement would not
+    supersede: one holding a batch not measured now, or of another artifact or device. Anything else
+    there (no file, not a profile) is no measurement to lose. ``--force`` in the CLI skips this."""
+    import json
+
+    from abcd_edge.formats.manifest import manifest_hash
+
+    try:
+        data = json.loads(Path(target).read_text())
+        held = sorted({int(b["batch"]) for b in data["batches"]})
+        their_hash, their_device = data["manifest_hash"], data["device_id"]
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return
+    why = []
+    if not set(held) <= set(batches):
+        why.append(f"batch {','.join(map(str, held))} (this run measures batch {','.join(map(str, batches))})")
+    if their_hash != manifest_hash(artifact_dir):
+        why.append(f"another artifact ({data.get('artifact')!r})")
+    if their_device != device:
+        why.append(f"another device ({their_device!r}; this is {device!r})")
+    if why:
+        raise UserError(f"{label} {str(target)!r} holds a profile of {' and of '.join(why)} that this run would "
+                        "replace; pass --force to replace it, or give another --out path")
+
+
 def _time_calls(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -30,8 +57,9 @@ def _time_calls(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
 
 def measure_profile(artifact_dir: str | Path, backend: str = "ort-cpu", threads: int | None = None,
                     batches: tuple[int, ...] = (1,), runs: int = 300, warmup: int = 20, power: str = "auto",
-                    command: str = "", progress: bool = True) -> DeviceProfile:
-    """Measure a device profile for ``artifact_dir`` on ``backend`` (the real device, wall clock)."""
+                    command: str = "", progress: bool = True, precision: str = "fp32") -> DeviceProfile:
+    """Measure a device profile for ``artifact_dir`` on ``backend`` (the real device, wall clock); at
+    ``precision`` "fp16" of its denoiser.fp16.onnx, under a device id of its own (``...-fp16``)."""
     from tqdm import tqdm
 
     from abcd_edge.device import hardware, telemetry
@@ -53,7 +81,7 @@ def measure_profile(artifact_dir: str | Path, backend: str = "ort-cpu", threads:
         if not manifest.batch_min <= b <= manifest.batch_max:
             raise UserError(f"--batch {b} is outside the artifact's batch range "
                             f"{manifest.batch_min}..{manifest.batch_max}")
-    denoiser = open_denoiser(artifact_dir, backend=backend, threads=threads)
+    denoiser = open_denoiser(artifact_dir, backend=backend, threads=threads, precision=precision)
     meter = telemetry.open_meter(power)
     info = hardware.machine_info()
     schedule = NoiseSchedule.from_config(manifest.scheduler_config)
@@ -91,7 +119,7 @@ def measure_profile(artifact_dir: str | Path, backend: str = "ort-cpu", threads:
         warnings.extend(w for w in reading.warnings if w not in warnings)   # a meter's note once, not per batch
 
         eps = rng.standard_normal((b, *shape)).astype(np.float32)
-        sigmas = time_uniform_sigmas(schedule, 20)
+        sigmas = time_uniform_sigmas(schedule, min(20, schedule.num_train_timesteps))
         sampler_ms = {}
         for name in SAMPLER_NAMES:
             sampler = make_sampler(name, schedule, sigmas, manifest.prediction_type)
@@ -128,7 +156,7 @@ def measure_profile(artifact_dir: str | Path, backend: str = "ort-cpu", threads:
     meter.close()
     return DeviceProfile(
         schema_version=SCHEMA_VERSION,
-        device_id=hardware.device_id(backend, threads, info),
+        device_id=hardware.device_id(backend, threads, info, precision=precision),
         backend=backend, threads=threads, provider_options=getattr(denoiser, "provider_options", {}),
         host=socket.gethostname(), machine=info, artifact=manifest.name,
         manifest_hash=manifest_hash(artifact_dir), batches=results, controller_decision=decision,

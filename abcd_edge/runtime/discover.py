@@ -13,6 +13,7 @@ from pathlib import Path
 
 from abcd_edge import paths
 from abcd_edge.errors import UserError
+from abcd_edge.formats import bundle
 
 
 @dataclass
@@ -47,7 +48,8 @@ def profiles_for(manifest_hash: str, device: str | None = None, search: list[Pat
 def find_or_measure_profile(artifact_dir: Path, manifest_hash: str, device: str, backend: str,
                             threads: int | None, power: str, quick_runs: int) -> Path:
     """A committed or cached profile of this artifact on this device kind, else a quick one measured now."""
-    matches = profiles_for(manifest_hash, device, [paths.PROFILES_DIR, paths.user_cache_dir()])
+    matches = profiles_for(manifest_hash, device, [bundle.profiles_dir(artifact_dir), paths.PROFILES_DIR,
+                                                   paths.user_cache_dir()])
     if matches:
         return matches[0]
     from abcd_edge.profiling.measure import measure_profile
@@ -62,15 +64,17 @@ def find_or_measure_profile(artifact_dir: Path, manifest_hash: str, device: str,
 
 
 def load_controller(controller: str | Path | None, manifest_name: str, manifest_hash: str,
-                    notes: list[str]) -> tuple[object | None, Path | None]:
-    """(controller, its folder): None for 'none'; 'auto' = calibration/<artifact name>/ when it is usable (noted
-    when not); a folder given explicitly must load."""
+                    notes: list[str], artifact_dir: Path | None = None) -> tuple[object | None, Path | None]:
+    """(controller, its folder): None for 'none'; 'auto' = the bundle's controller/ (when the artifact is a
+    bundle) else calibration/<artifact name>/, when it is usable (noted when not); a folder given explicitly
+    must load."""
     from abcd_edge.formats.controller import Controller
 
     if controller is None or controller == "none":
         return None, None
     if controller == "auto":
-        folder = paths.CALIBRATION_DIR / manifest_name
+        folder = (artifact_dir is not None and bundle.controller_dir(artifact_dir)) or (
+            paths.CALIBRATION_DIR / manifest_name)
         if not (folder / "controller.json").is_file():
             notes.append(f"no calibrated controller under {folder}; rule-based plan (uniform schedule, "
                          "most steps that fit at the profile's p99)")
@@ -110,7 +114,7 @@ def discover(artifact_dir: str | Path | None, profile: str | Path | None = None,
                         f"this is {device!r}; a foreign profile is never used to keep deadlines on the wall clock "
                         "(profile this machine, or replay it on a simulated clock with `abcd-edge bench`)")
     notes: list[str] = []
-    ctl, ctl_dir = load_controller(controller, manifest.name, mhash, notes)
+    ctl, ctl_dir = load_controller(controller, manifest.name, mhash, notes, artifact_dir)
     meter = telemetry.open_meter(power if power != "auto" else prof.power.meter
                                  if prof.power.meter != "none" else "auto")
     return SessionParts(artifact_dir=artifact_dir, manifest=manifest, manifest_hash=mhash, denoiser=denoiser,

@@ -18,7 +18,7 @@ import numpy as np
 from abcd_edge.core.budget import Budget, context_vector
 from abcd_edge.core.noise import NoiseSchedule
 from abcd_edge.core.placement import STATIC_PLACEMENTS, Placement, density_placement, static_placement
-from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS, SAMPLER_NAMES
+from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS, SAMPLER_NAMES, max_steps, natural_sampler
 from abcd_edge.errors import UserError
 from abcd_edge.formats.profile import BatchProfile
 from abcd_edge.runtime.cost import CostModel
@@ -53,8 +53,8 @@ class RequestPlan:
 
 def check_request(rho: float, sampler: str, batch: int, placement: str) -> None:
     """Refuse a bad request argument with one line naming it and what is accepted."""
-    if sampler not in SAMPLER_NAMES and sampler != "auto":
-        raise UserError(f"sampler {sampler!r} is unknown; accepted: {', '.join(SAMPLER_NAMES)}, auto")
+    if sampler not in SAMPLER_NAMES and sampler not in ("auto", "default"):
+        raise UserError(f"sampler {sampler!r} is unknown; accepted: {', '.join(SAMPLER_NAMES)}, auto, default")
     if not (isinstance(rho, numbers.Real) and 0.0 <= rho <= 1.0):
         raise UserError(f"quality {rho!r} is outside [0, 1]; 0 is fastest, 1 best")
     if not isinstance(batch, numbers.Integral) or batch < 1:
@@ -63,12 +63,19 @@ def check_request(rho: float, sampler: str, batch: int, placement: str) -> None:
         raise UserError(f"placement (--schedule) {placement!r} is unknown; accepted: {', '.join(PLACEMENTS)}")
 
 
-def auto_sampler(controller, steps_for: Callable[[str], int]) -> str:
+def resolve_sampler(sampler: str, prediction_type: str) -> str:
+    """``--sampler default`` is the artifact's natural sampler (consistency for a consistency model, else
+    DDIM); any other name is kept."""
+    return natural_sampler(prediction_type) if sampler == "default" else sampler
+
+
+def auto_sampler(controller, steps_for: Callable[[str], int], fallback: str = "ddim") -> str:
     """``--sampler auto``: the calibrated sampler with the best validated feature-FID at the steps it would
-    plan (``steps_for(sampler)``), among those whose gate covers that many steps; DDIM without a gate."""
+    plan (``steps_for(sampler)``), among those whose gate covers that many steps; ``fallback`` (the artifact's
+    natural sampler) without a gate."""
     gate = controller.gate if controller is not None else None
     if gate is None:
-        return "ddim"
+        return fallback
     scores = {}
     for name in gate.fid:
         n = max(steps_for(name), 1)
@@ -107,12 +114,16 @@ def choose_placement(kind: str, schedule: NoiseSchedule, controller, context: li
 
 def plan_request(budget: Budget, limit: float, *, rho: float, sampler: str, batch: int, seed: int,
                  best_effort: bool, placement: str, bp: BatchProfile, cost: CostModel, minimum_ms: float,
-                 schedule: NoiseSchedule, controller, use_exit_rule: bool = True) -> RequestPlan:
+                 schedule: NoiseSchedule, controller, use_exit_rule: bool = True,
+                 prediction_type: str = "epsilon") -> RequestPlan:
     """Plan a request (its arguments already passed :func:`check_request`, ``limit`` is the budget in ms):
     the most steps whose *sum* fits the limit, fewer where rho < 1 asks for less (the controller's
-    validated exit rule), placed as the controller's gate says or by a rule."""
+    validated exit rule), placed as the controller's gate says or by a rule. The steps are capped at
+    RULE_MAX_STEPS (rule-based) or the train timesteps (controller), and at what the sampler and model can
+    use (``core.samplers.max_steps``: 8 for the consistency sampler or a consistency model)."""
     context = context_vector(limit, bp.flops_per_s, rho) if controller is not None else None
     cap = RULE_MAX_STEPS if controller is None else schedule.num_train_timesteps
+    cap = min(cap, max_steps(sampler, prediction_type) or cap)
     fit = max(cost.steps_that_fit(limit, level="sum", cap=cap), 1)
     gate = controller.gate if controller is not None else None
     n = gate.exit_steps(sampler, fit, rho) if gate is not None and use_exit_rule else fit

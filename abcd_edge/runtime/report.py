@@ -19,7 +19,7 @@ class RequestReport:
     planned_steps: int
     fit_steps: int              # the steps that fit the budget; planned_steps < fit_steps where rho asked for less
     replans: int                # times the rest of the schedule was re-placed into fewer steps
-    exit_reason: str            # budget | quality | guard | done | best-effort
+    exit_reason: str            # budget | quality | guard | done | best-effort | interrupted (Ctrl-C)
     sampler: str
     schedule: str
     sigmas: list[float]

@@ -11,9 +11,9 @@ import numpy as np
 
 from abcd_edge.core.budget import Budget
 from abcd_edge.io import atomic_path
-from abcd_edge.core.images import save_png
+from abcd_edge.core.images import image_format, save_image
 from abcd_edge.runtime.report import RequestReport
-from abcd_edge.runtime.session import AnytimeRuntime
+from abcd_edge.runtime.session import AnytimeRuntime, RequestInterrupted
 
 WARMUP_REQUESTS = 20
 
@@ -32,6 +32,7 @@ class ServeSummary:
     rss_mb_end: float | None
     rss_growth: float | None     # (end - after warm-up) / after warm-up
     machine_load_note: str
+    interrupted: bool = False    # Ctrl-C stopped the run: these are the requests answered until then
 
 
 def rss_mb() -> float | None:
@@ -65,7 +66,7 @@ class RunningStats:
         self.exit_reasons[rep.exit_reason] = self.exit_reasons.get(rep.exit_reason, 0) + 1
         self.count += 1
 
-    def summary(self, rss_warm: float | None, rss_end: float | None) -> ServeSummary:
+    def summary(self, rss_warm: float | None, rss_end: float | None, interrupted: bool = False) -> ServeSummary:
         n = self.count
         lat = self.latency_ms[:n]
         growth = (rss_end - rss_warm) / rss_warm if rss_warm and rss_end else None
@@ -75,7 +76,7 @@ class RunningStats:
             latency_max_ms=float(lat.max()), utilisation_mean=_nanmean(self.used[:n]),
             steps_mean=float(np.mean(self.steps[:n])), exit_reasons=dict(self.exit_reasons),
             rss_mb_after_warmup=rss_warm, rss_mb_end=rss_end, rss_growth=growth,
-            machine_load_note=f"os.getloadavg at end: {os.getloadavg()[0]:.2f}",
+            machine_load_note=f"os.getloadavg at end: {os.getloadavg()[0]:.2f}", interrupted=interrupted,
         )
 
 
@@ -84,45 +85,107 @@ def _nanmean(values: np.ndarray) -> float | None:
     return float(finite.mean()) if finite.size else None
 
 
+@dataclass
+class ServeResult:
+    """What :func:`serve_requests` did: the summary line (None when nothing was written), how many answered
+    requests missed their deadline (or energy budget), and whether Ctrl-C stopped it (``note`` says what
+    was kept)."""
+
+    line: str | None
+    missed: int
+    interrupted: bool = False
+    note: str = ""
+
+
 def serve(budget: Budget, rho: float, sampler: str, placement: str, seed: int, batch: int, artifact: str,
           profile: str | None, controller: str | None, backend: str, threads: int, power: str,
           best_effort: bool, requests: int, out: Path, report: Path) -> str:
-    """Run the requests; write the last image and the report after the clocks stop; return a summary line.
+    """:func:`serve_requests`, returning its summary line (a Ctrl-C, once the answer so far is written,
+    is raised again as KeyboardInterrupt)."""
+    res = serve_requests(budget, rho, sampler, placement, seed, batch, artifact, profile, controller, backend,
+                         threads, power, best_effort, requests, out, report)
+    if res.interrupted:
+        raise KeyboardInterrupt(res.note)
+    return res.line
+
+
+def serve_requests(budget: Budget, rho: float, sampler: str, placement: str, seed: int, batch: int, artifact: str,
+                   profile: str | None, controller: str | None, backend: str, threads: int, power: str,
+                   best_effort: bool, requests: int, out: Path, report: Path) -> ServeResult:
+    """Run the requests; write the last image and the report after the clocks stop.
 
     With several requests, each request's row is streamed into the report's temp
     file between requests (after its clock stopped), so nothing grows with N in
     memory; the report is renamed into place only when all requests are done.
+
+    Ctrl-C keeps the anytime promise: a request interrupted after at least one step
+    answers with its last completed step's x0 (exit_reason "interrupted"); the image and
+    the report (with several requests: the rows and summary of those answered so far,
+    ``"interrupted": true``) are written as usual and the result says ``interrupted``.
+    Interrupted before any request had an answer, nothing is written.
     """
+    image_format(out)          # an unknown suffix is refused before any work
+    try:
+        return _serve(budget, rho, sampler, placement, seed, batch, artifact, profile, controller, backend,
+                      threads, power, best_effort, requests, out, report)
+    except KeyboardInterrupt:
+        return ServeResult(None, 0, interrupted=True,
+                           note="interrupted before any step finished; nothing written")
+
+
+def _serve(budget, rho, sampler, placement, seed, batch, artifact, profile, controller, backend, threads, power,
+           best_effort, requests, out, report) -> ServeResult:
     from tqdm import tqdm
 
     stats = RunningStats(requests)
     rss_warm = None
     images = rep = None
+    interrupted = False
     with AnytimeRuntime.open(artifact, profile=profile, controller=controller, backend=backend, threads=threads,
                              power=power) as rt:
         with atomic_path(report) as tmp, open(tmp, "w") as rows:
             rows.write('{"schema_version": 1, "requests": [\n')
-            for k in tqdm(range(requests), desc="requests", unit="req", disable=requests < 50, file=sys.stderr):
-                images, rep = rt.generate(budget, rho=rho, sampler=sampler, seed=seed + k, batch=batch,
-                                          best_effort=best_effort, placement=placement)
-                stats.add(rep)
-                rows.write((",\n" if k else "") + json.dumps(rep.to_json()))
-                if k + 1 == min(WARMUP_REQUESTS, requests):
-                    rss_warm = rss_mb()
-            summary = stats.summary(rss_warm, rss_mb())
+            try:
+                for k in tqdm(range(requests), desc="requests", unit="req", disable=requests < 50, file=sys.stderr):
+                    try:
+                        images, rep = rt.generate(budget, rho=rho, sampler=sampler, seed=seed + k, batch=batch,
+                                                  best_effort=best_effort, placement=placement)
+                    except RequestInterrupted as exc:
+                        if exc.report is None:
+                            raise
+                        images, rep, interrupted = exc.images, exc.report, True
+                    stats.add(rep)
+                    rows.write((",\n" if stats.count > 1 else "") + json.dumps(rep.to_json()))
+                    if interrupted:
+                        break
+                    if k + 1 == min(WARMUP_REQUESTS, requests):
+                        rss_warm = rss_mb()
+            except KeyboardInterrupt:
+                if stats.count == 0:
+                    raise                   # no answer yet: the temp report is removed, nothing written
+                interrupted = True
+            summary = stats.summary(rss_warm, rss_mb(), interrupted=interrupted)
             if requests == 1:
                 rows.seek(0)
                 rows.truncate()
                 rows.write(json.dumps(rep.to_json(), indent=2) + "\n")
             else:
                 rows.write('\n], "summary": ' + json.dumps(asdict(summary), indent=2) + "}\n")
-    save_png(images, out)
+    save_image(images, out)
+    missed = int(stats.count - np.count_nonzero(stats.met[:stats.count]))
+    note = ""
+    if interrupted:
+        note = (f"interrupted: the answer so far ({rep.steps} steps, exit_reason interrupted) -> {out}"
+                if rep.exit_reason == "interrupted" else f"interrupted after {stats.count} answered requests")
+        if requests > 1:
+            note += f"; summary of {stats.count} requests -> {report}"
     if requests == 1:
-        return rep.summary_line() + f"  -> {out}, {report}"
-    return (f"{summary.requests} requests: success {summary.success_rate:.2%}, latency p50 "
-            f"{summary.latency_p50_ms:.1f} / p99 {summary.latency_p99_ms:.1f} / max {summary.latency_max_ms:.1f} ms "
-            f"(budget {budget}), utilisation {_fmt(summary.utilisation_mean, '.2f')}, mean steps {summary.steps_mean:.1f}, "
-            f"RSS growth {_fmt(summary.rss_growth, '+.1%')}  -> {report}")
+        return ServeResult(rep.summary_line() + f"  -> {out}, {report}", missed, interrupted, note)
+    return ServeResult(
+        f"{summary.requests} requests: success {summary.success_rate:.2%}, latency p50 "
+        f"{summary.latency_p50_ms:.1f} / p99 {summary.latency_p99_ms:.1f} / max {summary.latency_max_ms:.1f} ms "
+        f"(budget {budget}), utilisation {_fmt(summary.utilisation_mean, '.2f')}, mean steps {summary.steps_mean:.1f}, "
+        f"RSS growth {_fmt(summary.rss_growth, '+.1%')}  -> {report}", missed, interrupted, note)
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from abcd_edge.core.budget import Budget
-from abcd_edge.core.images import to_uint8
-from abcd_edge.core.loop import run_steps
+from abcd_edge.core.images import check_image_channels, to_uint8
+from abcd_edge.core.loop import LoopInterrupted, run_steps
 from abcd_edge.core.noise import NoiseSchedule
 from abcd_edge.core.samplers import make_sampler
 from abcd_edge.device.clock import WallClock
@@ -35,7 +35,8 @@ from abcd_edge.formats.manifest import Manifest
 from abcd_edge.formats.profile import DeviceProfile
 from abcd_edge.runtime.anytime import AnytimeRules
 from abcd_edge.runtime.cost import CostModel, OnlineCorrection
-from abcd_edge.runtime.plan import RULE_MAX_STEPS, RequestPlan, auto_sampler, budget_in_ms, check_request, plan_request
+from abcd_edge.runtime.plan import (RULE_MAX_STEPS, RequestPlan, auto_sampler, budget_in_ms, check_request, plan_request,
+                                    resolve_sampler)
 from abcd_edge.runtime.report import REPORT_SCHEMA_VERSION, RequestReport
 
 COST_PREDICTOR_TOLERANCE = 0.10   # the predictor's step tail may differ this much from the profile's p99
@@ -43,6 +44,15 @@ WARMUP_CALLS = 5           # warm-up (see _warm_up): steady when the median of t
 WARMUP_TOLERANCE = 1.25    # is within 1.25 x the profile's step p50,
 WARMUP_MAX_S = 5.0         # or gives up (with a note) after 5 s per batch
 WALL_CLOCK_NOTE = "monotonic, from the call to the image in hand; files are written after the clock stops"
+
+
+class RequestInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a request's steps. ``images`` and ``report`` (exit_reason "interrupted") are the
+    answer so far: the last completed step's x0; both None when no step finished."""
+
+    def __init__(self, images: np.ndarray | None, report: RequestReport | None):
+        super().__init__()
+        self.images, self.report = images, report
 
 
 class AnytimeRuntime:
@@ -53,6 +63,7 @@ class AnytimeRuntime:
                  clock=None, online: OnlineCorrection | None = None, manifest_hash: str = "",
                  artifact_dir: str | Path = "", profile_path: str | Path = "", controller_dir: str | Path | None = None,
                  notes: list[str] | None = None, warm_up: bool = True):
+        check_image_channels(manifest.channels, f"artifact {str(artifact_dir or manifest.name)!r}")
         self.denoiser, self.manifest, self.profile = denoiser, manifest, profile
         self.schedule = NoiseSchedule.from_config(manifest.scheduler_config)
         self.controller = controller
@@ -176,15 +187,18 @@ class AnytimeRuntime:
         """
         return self.cost_model(batch, sampler, correction=1.0).minimum_ms()
 
-    def plan(self, budget: Budget, rho: float = 1.0, sampler: str = "ddim", seed: int = 0, batch: int = 1,
+    def plan(self, budget: Budget, rho: float = 1.0, sampler: str = "default", seed: int = 0, batch: int = 1,
              best_effort: bool = False, placement: str = "auto", use_exit_rule: bool = True) -> RequestPlan:
-        """Plan one request (refusing a budget below the minimum unless ``best_effort``)."""
+        """Plan one request (refusing a budget below the minimum unless ``best_effort``). ``sampler``
+        "default" is the artifact's natural one (consistency for a consistency model, else DDIM)."""
         check_request(rho, sampler, batch, placement)
         bp = self.profile.for_batch(batch)
         limit = budget_in_ms(budget, bp, self.profile_path, self.profile.power.meter)
+        prediction = self.manifest.prediction_type
+        sampler = resolve_sampler(sampler, prediction)
         if sampler == "auto":
             sampler = auto_sampler(self.controller, lambda s: self.cost_model(batch, s).steps_that_fit(
-                limit, level="sum", cap=RULE_MAX_STEPS))
+                limit, level="sum", cap=RULE_MAX_STEPS), fallback=resolve_sampler("default", prediction))
         cost = self.cost_model(batch, sampler)
         minimum = dataclasses.replace(cost, correction=1.0).minimum_ms()   # as minimum_ms(), from the same model
         if limit < minimum and not best_effort:
@@ -193,16 +207,19 @@ class AnytimeRuntime:
                             "raise the budget or pass --best-effort")
         return plan_request(budget, limit, rho=rho, sampler=sampler, batch=batch, seed=seed,
                             best_effort=best_effort, placement=placement, bp=bp, cost=cost, minimum_ms=minimum,
-                            schedule=self.schedule, controller=self.controller, use_exit_rule=use_exit_rule)
+                            schedule=self.schedule, controller=self.controller, use_exit_rule=use_exit_rule,
+                            prediction_type=prediction)
 
     # ------------------------------------------------------------------------------------ serving
-    def generate(self, budget: Budget, rho: float = 1.0, sampler: str = "ddim", seed: int = 0, batch: int = 1,
+    def generate(self, budget: Budget, rho: float = 1.0, sampler: str = "default", seed: int = 0, batch: int = 1,
                  best_effort: bool = False, placement: str = "auto", use_exit_rule: bool = True,
                  clock=None) -> tuple[np.ndarray, RequestReport]:
         """One request: images uint8 [batch,H,W,3] made before the deadline, and its report.
 
         ``clock`` runs this request on another clock than the session's (the bench's
-        per-stream replay clocks)."""
+        per-stream replay clocks). Ctrl-C during the steps raises :class:`RequestInterrupted`
+        carrying the last completed step's images and a report with exit_reason "interrupted"
+        (both None when no step finished)."""
         clock = clock if clock is not None else self.clock
         with self._lock:
             plan = self.plan(budget, rho, sampler, seed, batch, best_effort, placement, use_exit_rule)
@@ -214,7 +231,13 @@ class AnytimeRuntime:
 
             self.meter.start()
             clock.start()
-            result = run_steps(self.denoiser, smp, noise, rng=rng, clock=clock, hooks=rules)
+            try:
+                result = run_steps(self.denoiser, smp, noise, rng=rng, clock=clock, hooks=rules)
+                interrupted = False
+            except LoopInterrupted as exc:        # Ctrl-C: the last completed step's x0 is still an answer
+                result, interrupted = exc.result, True
+                n = result.steps
+                rules.predicted, rules.predicted_median = rules.predicted[:n], rules.predicted_median[:n]
             clock.disarm()
             images = to_uint8(np.asarray(result.x0, np.float32))
             latency = clock.elapsed_ms()
@@ -222,7 +245,10 @@ class AnytimeRuntime:
             measured = [round(ms, 4) for ms in result.step_ms]
             self.online.update(batch, plan.cost, result.step_ms)
         reason = "best-effort" if best_effort and result.reason == "done" and plan.below_minimum else result.reason
-        return images, self._report(plan, smp, rules, reason, measured, latency, reading, clock)
+        report = self._report(plan, smp, rules, reason, measured, latency, reading, clock)
+        if interrupted:
+            raise RequestInterrupted(images if result.steps else None, report if result.steps else None)
+        return images, report
 
     def _report(self, plan: RequestPlan, smp, rules: AnytimeRules, reason: str, measured: list[float],
                 latency: float, reading, clock) -> RequestReport:

@@ -97,7 +97,7 @@ def test_interrupted_profile_leaves_previous_good_file(tiny_artifact, tiny_profi
     before = target.read_bytes()
     for sig in (signal.SIGINT, signal.SIGKILL):
         _interrupt(_cli("profile", "--artifact", tiny_artifact, "--threads", "1", "--runs", "10000000",
-                        "--out", target), 4.0, sig)
+                        "--batch", "1,2", "--out", target), 4.0, sig)
         assert target.read_bytes() == before
         load_profile(target)
         if sig == signal.SIGINT:
@@ -106,16 +106,21 @@ def test_interrupted_profile_leaves_previous_good_file(tiny_artifact, tiny_profi
 
 
 def test_interrupted_serving_leaves_previous_report(tiny_artifact, tiny_profile, tmp_path):
-    """`run --requests N` streams its rows into a temp file: a kill mid-way leaves the last report whole."""
+    """`run --requests N` streams its rows into a temp file: a kill mid-way leaves the last report whole;
+    Ctrl-C (SIGINT) writes the rows and summary of the requests answered so far and exits 130."""
     report, image = tmp_path / "r.json", tmp_path / "r.png"
     cmd = _cli("run", "--budget", "20ms", "--artifact", tiny_artifact, "--profile", tiny_profile, "--threads", "1",
                "--controller", "none", "--power", "none", "--out", image, "--report", report)
     subprocess.run(cmd + ["--requests", "3"], check=True, capture_output=True)
     before = report.read_bytes()
-    for sig in (signal.SIGINT, signal.SIGKILL):
-        _interrupt(cmd + ["--requests", "1000000"], 4.0, sig)
-        assert report.read_bytes() == before and json.loads(before)["summary"]["requests"] == 3
-        if sig == signal.SIGINT:
+    for sig in (signal.SIGKILL, signal.SIGINT):
+        code = _interrupt(cmd + ["--requests", "1000000"], 4.0, sig)
+        if sig == signal.SIGKILL:
+            assert report.read_bytes() == before and json.loads(before)["summary"]["requests"] == 3
+        else:
+            data = json.loads(report.read_text())
+            assert code == 130 and data["summary"]["interrupted"] is True
+            assert data["summary"]["requests"] == len(data["requests"]) >= 1
             assert not list(tmp_path.glob(".r.json.*"))
         _drop_temp_leftovers(tmp_path, "r.json")
 

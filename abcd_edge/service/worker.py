@@ -1,0 +1,145 @@
+"""The one worker thread: it takes admitted requests from the queue, in order, and runs them on the warm runtime.
+
+The HTTP handlers run on the event loop; each admitted request carries an asyncio
+future, and the worker hands its outcome back with ``loop.call_soon_threadsafe``
+(no executor, no polling). Numpy, Pillow and the runtime only: no HTTP here.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+from dataclasses import dataclass
+
+from abcd_edge.core.budget import Budget
+from abcd_edge.core.images import image_grid, png_bytes
+from abcd_edge.errors import UserError
+from abcd_edge.runtime.report import RequestReport
+from abcd_edge.service.admission import AdmissionQueue, Decision, Ticket
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """One request's parameters, already validated (see app.py's schema)."""
+
+    budget_ms: float
+    rho: float = 1.0
+    seed: int = 0
+    sampler: str = "ddim"
+    placement: str = "auto"
+
+
+@dataclass
+class Outcome:
+    """How the worker ended a request: ``completed`` (report, PNG), ``dropped`` (503: its deadline could no
+    longer be met when taken, or no step fit before it: a machine slower now than its profile) or
+    ``failed`` (the runtime raised; ``status`` 422 for a UserError, else 500)."""
+
+    kind: str
+    report: RequestReport | None = None
+    png: bytes = b""
+    png_base64: str = ""
+    runtime_budget_ms: float = 0.0
+    status: int = 200
+    message: str = ""
+
+
+@dataclass
+class _Pending:
+    params: GenerateParams
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+class Worker:
+    """One warm runtime, one thread, one FIFO: requests run one at a time, in arrival order."""
+
+    def __init__(self, runtime, queue: AdmissionQueue):
+        self.runtime, self.queue = runtime, queue
+        self._thread: threading.Thread | None = None
+        self._floors, self._minimums = self._measure_minimums()
+
+    def _measure_minimums(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Per sampler at batch 1: the profile's minimum (``runtime.minimum_ms``) and the smallest response
+        the runtime would start now (its cost model at the running correction and observed tail, never
+        below the profile's); "auto" the largest of each, as the choice is made only at planning.
+        Refreshed by the worker after each request, so the event loop reads finished dicts and never the
+        runtime's state while a request runs."""
+        floors = {s: self.runtime.minimum_ms(1, s) for s in self.runtime.profile.for_batch(1).sampler_ms}
+        now = {s: max(floors[s], self.runtime.cost_model(1, s).minimum_ms()) for s in floors}
+        return {**floors, "auto": max(floors.values())}, {**now, "auto": max(now.values())}
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The samplers this device's profile has timings for, and "auto"."""
+        return tuple(self._minimums)
+
+    def minimum_ms(self, sampler: str) -> float:
+        """The smallest response the runtime would start now for the sampler, as of the last request."""
+        return self._minimums[sampler]
+
+    def floor_ms(self, sampler: str) -> float:
+        """The profile's smallest achievable response for the sampler (one step + finishing at its tail)."""
+        return self._floors[sampler]
+
+    def submit(self, params: GenerateParams, arrival: float,
+               counted: bool = True) -> tuple[Decision, asyncio.Future | None]:
+        """Offer a request (from the event loop); the future resolves to its :class:`Outcome` when admitted."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        ticket = Ticket(arrival=arrival, budget_ms=params.budget_ms, minimum_ms=self.minimum_ms(params.sampler),
+                        floor_ms=self.floor_ms(params.sampler),
+                        payload=_Pending(params, loop, future), counted=counted)
+        decision = self.queue.offer(ticket)
+        return decision, (future if decision.admitted else None)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="abcd-edge-service-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new requests, finish the queued ones, and join the thread."""
+        self.queue.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (ticket := self.queue.take()) is not None:
+            pending: _Pending = ticket.payload
+            import time as _t; _a=_t.perf_counter()
+            outcome = self._execute(ticket, pending.params)
+            outcome.dbg = [(_a - ticket.taken)*1e3, (_t.perf_counter()-_a)*1e3 - (outcome.report.latency_ms if outcome.report else 0)]
+            _b=_t.perf_counter()
+            self._floors, self._minimums = self._measure_minimums()
+            self.queue.release(ticket)
+            outcome.dbg.append((_t.perf_counter()-_b)*1e3); outcome.t_hand=_t.perf_counter()
+            pending.loop.call_soon_threadsafe(_resolve, pending.future, (ticket, outcome))
+
+    def _execute(self, ticket: Ticket, p: GenerateParams) -> Outcome:
+        budget_ms = self.queue.runtime_budget_ms(ticket)
+        minimum = self.floor_ms(p.sampler)       # below it the runtime refuses the budget
+        if budget_ms < minimum:
+            return Outcome("dropped", runtime_budget_ms=budget_ms, status=503,
+                           message=f"the deadline can no longer be met: {budget_ms:.2f} ms left for the runtime "
+                                   f"after the wait, below the minimum {minimum:.2f} ms")
+        try:
+            images, report = self.runtime.generate(Budget("latency", budget_ms), rho=p.rho, sampler=p.sampler,
+                                                   seed=p.seed, placement=p.placement)
+            if report.steps == 0:       # the hard rule or the guard left no step: there is no image to send
+                return Outcome("dropped", report=report, runtime_budget_ms=budget_ms, status=503,
+                               message=f"no denoising step fit in the {budget_ms:.2f} ms left before the deadline "
+                                       f"(exit: {report.exit_reason}; steps run {report.correction:.2f}x "
+                                       "the profile's time)")
+            png = png_bytes(image_grid(images))
+            return Outcome("completed", report=report, png=png, png_base64=base64.b64encode(png).decode("ascii"),
+                           runtime_budget_ms=budget_ms)
+        except UserError as exc:
+            return Outcome("failed", runtime_budget_ms=budget_ms, status=422, message=str(exc))
+        except Exception as exc:     # the service keeps serving; the request is answered 500 with the reason
+            return Outcome("failed", runtime_budget_ms=budget_ms, status=500, message=f"{type(exc).__name__}: {exc}")
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():      # the handler may have been cancelled (client gone)
+        future.set_result(value)
+

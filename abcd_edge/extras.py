@@ -16,7 +16,8 @@ from abcd_edge.errors import UserError
 
 # what each verb needs, and the extra that installs it
 EXPORT_MODULES = ("torch", "onnx", "diffusers")
-CALIBRATE_MODULES = ("torch", "onnx", "matplotlib")   # controller training, controller.onnx, curves.png
+CONTROLLER_MODULES = ("torch", "onnx")                       # controller.onnx (`export --controller`)
+CALIBRATE_MODULES = (*CONTROLLER_MODULES, "matplotlib")      # + the training curves (curves.png)
 TRAIN_MODULES = ("torch", "diffusers")
 
 

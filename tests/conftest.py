@@ -12,6 +12,22 @@ import pytest
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="abcd-edge-test-cache-")
 
 
+def copy_working_tree(dest: Path) -> Path:
+    """The repository as a fresh clone of this working tree would hold it (tracked and new files, nothing
+    ignored: no .venv, no build output, no caches), copied to ``dest``."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (root / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, dest / name)
+    return dest
+
+
 class StepClock:
     """A fake clock: every denoiser call costs ``step_ms`` (a number, or a function of the call index);
     nothing else costs anything. Deterministic exit-rule tests run on it."""

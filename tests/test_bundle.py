@@ -97,3 +97,14 @@ def test_bench_configuration_is_the_same_in_any_clone(tmp_path):
     assert str(paths.REPO_ROOT) not in json.dumps(meta)
     assert all(not Path(t["profile_path"]).is_absolute() for t in meta["tiers"])
 
+
+
+def test_profile_without_out_writes_into_the_bundle(tiny_artifact, tmp_path):
+    """On the device: `abcd-edge profile --bundle X` puts the profile where `run --bundle X` finds it."""
+    from abcd_edge.device.hardware import device_id
+
+    bundle = tmp_path / "b"
+    assert _run(["bundle", "--artifact", str(tiny_artifact), "--controller", "none", "--out", str(bundle)]).exit_code == 0
+    res = _run(["profile", "--bundle", str(bundle), "--threads", "1", "--runs", "20", "--power", "none"])
+    assert res.exit_code == 0, res.output
+    assert (bundle / "profiles" / f"{device_id('ort-cpu', 1)}.json").is_file()

@@ -4,6 +4,7 @@ Each tiny model is exported once (module fixtures) on one thread; the checks sha
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -31,7 +32,7 @@ from abcd_edge.export.model import load_model, weights_hash  # noqa: E402
 from abcd_edge.export.onnx_export import export_onnx, torch_flops  # noqa: E402
 from abcd_edge.export.pipeline import _check_resolution  # noqa: E402
 from abcd_edge.export.tensorrt import TRT_WORKSPACE_BYTES, build_trt_plan  # noqa: E402
-from abcd_edge.formats.manifest import Manifest, load_manifest, manifest_hash, sha256_file  # noqa: E402
+from abcd_edge.formats.manifest import Manifest, content_hash, load_manifest, manifest_hash, sha256_file  # noqa: E402
 
 TINY = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
             norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
@@ -211,7 +212,9 @@ def test_manifest_round_trip_and_hash(attn_export):
     on_disk = load_manifest(out)
     assert on_disk == m
     assert Manifest.from_json(m.to_json()) == m
-    assert manifest_hash(out) == __import__("hashlib").sha256((out / "manifest.json").read_bytes()).hexdigest()
+    assert manifest_hash(out) == content_hash(m)      # content-addressed: not the manifest's bytes
+    assert content_hash(dataclasses.replace(m, created_utc="x", name="y", parity={})) == content_hash(m)
+    assert content_hash(dataclasses.replace(m, files={**m.files, "denoiser.onnx": "0" * 64})) != content_hash(m)
     for name, digest in m.files.items():
         assert sha256_file(out / name) == digest
     assert m.torch_version == torch.__version__ and m.onnxruntime_version == ort.__version__

@@ -167,7 +167,7 @@ def latent_artifact(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     UNet2DModel(**LATENT_UNET).save_pretrained(root / "bare")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(model_mod, "_refuse_latent", lambda *a: None)
+        mp.setattr(model_mod, "_refuse_latent", lambda *a: None, raising=False)   # (absent before the check)
         export_model(str(root / "bare"), root / "artifact", batches=(1,), progress=False, threads=1)
     return root / "artifact"
 
@@ -332,11 +332,11 @@ def _run(artifact: Path, profile: Path, tmp_path: Path, *extra: str):
 
 def test_run_defaults_to_the_consistency_sampler_and_few_steps(cm_artifact, cm_profile, tmp_path):
     """A 10 s budget fits hundreds of tiny steps; a consistency model plans at most 8, with its own sampler."""
-    from abcd_edge.core.samplers import CONSISTENCY_MAX_STEPS
-
     res, rep = _run(cm_artifact, cm_profile, tmp_path)
     assert res.exit_code == 0, res.output
     assert rep["sampler"] == "consistency"
+    from abcd_edge.core.samplers import CONSISTENCY_MAX_STEPS
+
     assert rep["planned_steps"] == rep["steps"] == CONSISTENCY_MAX_STEPS
     res, rep = _run(cm_artifact, cm_profile, tmp_path, "--sampler", "ddim")     # asked for: allowed, also capped
     assert res.exit_code == 0, res.output
@@ -426,6 +426,10 @@ def test_profile_at_fp16_has_its_own_device_id(cm_artifact, cm_profile, tmp_path
     # the runtime never plans steps of one precision with the other's profile
     res, _ = _run(cm_artifact, out, tmp_path)
     _one_line_error(res, fp16_id, "a foreign profile is never used")
+    # ... and `run --precision fp16` steps the fp16 file with the fp16 profile
+    res, rep = _run(cm_artifact, out, tmp_path, "--precision", "fp16")
+    assert res.exit_code == 0, res.output
+    assert rep["profile_device"] == fp16_id and rep["steps"] >= 1
 
 
 def test_device_id_names_fp16_only():

@@ -34,7 +34,7 @@ BUDGET_RANGE_MS = (20.0, 2000.0)   # training contexts: budgets log-uniform in t
 
 SEARCH_STEPS = (2, 3, 4, 5, 6, 8, 10, 13, 16, 20)   # the first sampler's
 OTHER_STEPS = (2, 3, 5, 8)                          # every other sampler's (the search costs n^2 rollout steps)
-CAPPED_STEPS = (1, 2, 3, 4, 6, 8)                   # the first sampler's where plans stop at 8 (consistency)
+CAPPED_STEPS = (1, 2, 3, 4, 6, 8)                   # the first sampler's over a consistency model (plans stop at 8)
 DEFAULT_SAMPLERS = ("ddim", "dpmpp-2m", "euler")
 
 
@@ -150,7 +150,7 @@ def check_inputs(config: CalibrationConfig, profiles: list[Path]) -> None:
 
 def check_steps(config: CalibrationConfig, prediction_type: str) -> None:
     """Refuse step counts below 1, or above what the runtime plans for a sampler over this model
-    (``core.samplers.max_steps``: 8 for the consistency sampler or a consistency model)."""
+    (``core.samplers.max_steps``: 8 over a consistency model, whatever the sampler)."""
     from abcd_edge.core.samplers import max_steps
 
     for s in config.samplers:

@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 
 from abcd_edge import __version__, paths
-from abcd_edge.cli.options import (artifact_option, check_threads, device_options, int_list, precision_option,
-                                   threads_option)
+from abcd_edge.cli.options import (artifact_option, at_least, check_threads, device_options, int_list,
+                                   precision_option, threads_option)
 from abcd_edge.errors import UserError
 
 EXIT_BAD_INPUT = 2           # a UserError: one line on stderr, nothing written
@@ -68,7 +68,7 @@ def info(as_json: bool) -> None:
 @click.option("--sampler", default="default", show_default=True,
               help="default (the artifact's own: consistency for a consistency model, else ddim), ddim, dpmpp-2m, "
                    "euler, consistency, or auto (the calibrated sampler with the best validated feature-FID at the "
-                   "steps the budget allows). The consistency sampler, and any over a consistency model, plans at "
+                   "steps the budget allows). Over a consistency model any sampler plans at "
                    "most 8 steps.")
 @click.option("--placement", "--schedule", "placement", default="auto", show_default=True,
               help="Where the steps go: auto (controller when calibrated, else uniform), controller, uniform, "
@@ -76,6 +76,7 @@ def info(as_json: bool) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--batch", default=1, show_default=True, type=int, help="Images per request.")
 @device_options
+@precision_option
 @click.option("--profile", default=None, type=click.Path(),
               help="Device profile JSON; default: the committed one for this device, else a quick measurement.")
 @click.option("--controller", default="auto", show_default=True,
@@ -91,7 +92,7 @@ def info(as_json: bool) -> None:
                    "written); without it a late answer exits 0.")
 @click.pass_context
 def run(ctx, budget, rho, sampler, placement, seed, batch, artifact, profile, controller, backend, threads, power,
-        best_effort, requests, out, report, strict) -> None:
+        precision, best_effort, requests, out, report, strict) -> None:
     """Generate the best image the device can make before the budget runs out.
 
     \b
@@ -102,6 +103,7 @@ def run(ctx, budget, rho, sampler, placement, seed, batch, artifact, profile, co
     """
     from abcd_edge.core.budget import parse_budget
     from abcd_edge.core.images import image_format
+    from abcd_edge.device.backends import check_precision
     from abcd_edge.io import check_output_file
     from abcd_edge.runtime.serve import serve_requests
 
@@ -121,10 +123,11 @@ def run(ctx, budget, rho, sampler, placement, seed, batch, artifact, profile, co
     check_output_file(report, "--report")
     if Path(out).absolute() == Path(report).absolute():
         raise UserError(f"--report {report!r} is the --out image's path; give the report its own file")
-    res = serve_requests(budget=b, rho=rho, sampler=sampler, placement=placement, seed=seed, batch=batch,
-                         artifact=artifact, profile=profile, controller=controller,
-                         backend=backend, threads=threads, power=power, best_effort=best_effort, requests=requests,
-                         out=Path(out), report=Path(report))
+    check_precision(precision)
+    session = dict(artifact_dir=artifact, profile=profile, controller=controller, backend=backend, threads=threads,
+                   power=power, precision=precision)
+    res = serve_requests(b, requests=requests, out=Path(out), report=Path(report), session=session, rho=rho,
+                         sampler=sampler, placement=placement, seed=seed, batch=batch, best_effort=best_effort)
     if res.line:
         click.echo(res.line)
     if res.interrupted:
@@ -149,11 +152,11 @@ def run(ctx, budget, rho, sampler, placement, seed, batch, artifact, profile, co
 @click.option("--bench", is_flag=True, help="Also print ORT vs torch step latency for the demo and a CIFAR-10-sized UNet.")
 def export(model, controller_dir, out, resolution, batch, fp16, trt, opset, bench) -> None:
     """Export a frozen denoiser (and/or a calibrated controller) to deployable artifacts."""
-    from abcd_edge.extras import CALIBRATE_MODULES, EXPORT_MODULES, require
+    from abcd_edge.extras import CONTROLLER_MODULES, EXPORT_MODULES, require
 
     if model is None and controller_dir is None:
         raise UserError("export needs --model (demo, a diffusers folder or a hub id) and/or --controller DIR")
-    require("export", "export", *(EXPORT_MODULES if model is not None or bench else CALIBRATE_MODULES))
+    require("export", "export", *(EXPORT_MODULES if model is not None or bench else CONTROLLER_MODULES))
     from abcd_edge.export import export_bench, export_model, format_bench
 
     if model is not None:
@@ -176,7 +179,9 @@ def export(model, controller_dir, out, resolution, batch, fp16, trt, opset, benc
 @precision_option
 @click.option("--batch", default="1", show_default=True, help="Batch sizes, e.g. 1,4.")
 @click.option("--runs", default=300, show_default=True, type=int, help="Timed steps per batch (>= 200 for tails).")
-@click.option("--out", default=None, type=click.Path(), help="Default: profiles/<device id>.json")
+@click.option("--out", default=None, type=click.Path(),
+              help="Default: <device id>.json in the bundle's profiles/, else the checkout's profiles/, else the "
+                   "user cache (~/.cache/abcd-edge) — all places `run` looks.")
 @click.option("--force", is_flag=True,
               help="Replace a profile at --out even when it holds batches not measured now, or is of another "
                    "artifact or device (refused otherwise).")
@@ -186,6 +191,7 @@ def profile(artifact, backend, threads, power, precision, batch, runs, out, forc
     from abcd_edge.device.hardware import device_id
     from abcd_edge.io import check_output_file
     from abcd_edge.profiling.measure import check_profile_target, measure_profile
+    from abcd_edge.runtime.discover import default_profile_target
 
     # everything that can refuse is checked before minutes of measuring
     threads = check_threads(backend, threads)
@@ -194,7 +200,7 @@ def profile(artifact, backend, threads, power, precision, batch, runs, out, forc
         raise UserError(f"--runs {runs} must be at least 1 (>= 200 recommended for stable tails)")
     check_precision(precision)
     device = device_id(backend, threads, precision=precision)
-    target = Path(out) if out else paths.PROFILES_DIR / f"{device}.json"
+    target = Path(out) if out else default_profile_target(artifact, device)
     label = "--out" if out else "the default --out"
     check_output_file(target, label)
     if not force:
@@ -221,10 +227,17 @@ def profile(artifact, backend, threads, power, precision, batch, runs, out, forc
               help="Comma list of ddim, dpmpp-2m, euler, consistency; default: consistency for a consistency "
                    "model, else ddim,dpmpp-2m,euler.")
 @click.option("--out", default=None, type=click.Path(), help="Default: calibration/<artifact name>")
-@click.option("--iters", default=None, type=int, help="Weight-generator fitting iterations (default 1500).")
+@click.option("--iters", default=None, type=int, callback=at_least(1),
+              help="Weight-generator fitting iterations (default 1500).")
+@click.option("--cost-iters", default=None, type=int, callback=at_least(1),
+              help="Cost-predictor fitting iterations (default 3000).")
+@click.option("--search-noises", default=None, type=int, callback=at_least(2),
+              help="Training noises the schedule search scores on (default 96; fewer: faster, noisier).")
+@click.option("--gate-noises", default=None, type=int, callback=at_least(2),
+              help="Held-out noises the gate judges on (default 256; fewer: wider CIs, fewer wins kept).")
 @click.option("--steps", "search_steps", default=None,
               help="Step counts to search, fit and gate, e.g. 2,3,5,8 (default 2,3,4,5,6,8,10,13,16,20; "
-                   "1,2,3,4,6,8 where plans stop at 8 steps: the consistency sampler or a consistency model).")
+                   "1,2,3,4,6,8 for a consistency model, whose plans stop at 8 steps).")
 @click.option("--ays/--no-ays", default=False, show_default=True,
               help="Also retrain the AYS-like baseline the bench compares with (slow; without it the "
                    "folder's existing ays.json for this artifact is kept).")
@@ -236,8 +249,8 @@ def profile(artifact, backend, threads, power, precision, batch, runs, out, forc
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seed of the search's training noises and of the generator's fit (the gate's held-out "
                    "noises are fixed).")
-def calibrate(artifact, profiles, samplers, out, iters, search_steps, ays, calibration_net, evaluation_net, threads,
-              seed) -> None:
+def calibrate(artifact, profiles, samplers, out, iters, cost_iters, search_noises, gate_noises, search_steps, ays,
+              calibration_net, evaluation_net, threads, seed) -> None:
     """Train the ABCD controller for an artifact: search schedules against the feature statistics, fit the
     weight generator to them, gate it against every static schedule on held-out noises (evaluation
     network), and fit the cost predictor."""
@@ -267,10 +280,8 @@ def calibrate(artifact, profiles, samplers, out, iters, search_steps, ays, calib
     cap = max_steps(names[0], manifest.prediction_type) if names else None
     if search_steps is None and cap is not None:   # plans stop at cap steps: search 1..cap
         config = dataclasses.replace(config, search_steps=tuple(n for n in CAPPED_STEPS if n <= cap))
-    if iters is not None:
-        if iters < 1:
-            raise UserError(f"--iters {iters} must be >= 1")
-        config = dataclasses.replace(config, wg_iters=iters)
+    sizes = dict(wg_iters=iters, cost_iters=cost_iters, search_noises=search_noises, gate_noises=gate_noises)
+    config = dataclasses.replace(config, **{k: v for k, v in sizes.items() if v is not None})
     if search_steps is not None:
         try:
             steps = tuple(sorted({int(v) for v in search_steps.split(",") if v.strip()}))

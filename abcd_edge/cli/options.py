@@ -44,10 +44,16 @@ def device_options(f: Callable) -> Callable:
     return artifact_option(backend_option(threads_option(power_option(f))))
 
 
-def _at_least_one(ctx, param, value):
-    if value is not None and value < 1:
-        raise UserError(f"--{param.name} {value} must be >= 1")
-    return value
+def at_least(minimum: int) -> Callable:
+    """A click callback refusing an integer below ``minimum`` with one line (None passes: the default)."""
+    def check(ctx, param, value):
+        if value is not None and value < minimum:
+            raise UserError(f"--{param.name.replace('_', '-')} {value} must be >= {minimum}")
+        return value
+    return check
+
+
+_at_least_one = at_least(1)
 
 
 def check_threads(backend: str, threads: int | None) -> int | None:

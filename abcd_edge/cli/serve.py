@@ -12,8 +12,8 @@ from abcd_edge.errors import UserError
 
 
 def _port(ctx, param, value):
-    if not 0 <= value <= 65535:
-        raise UserError(f"--port {value} must be in 0..65535")
+    if not 1 <= value <= 65535:
+        raise UserError(f"--port {value} must be in 1..65535")
     return value
 
 

@@ -41,8 +41,9 @@ SAMPLER_NAMES = ("ddim", "dpmpp-2m", "euler", "consistency")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "consistency")
 SIGMA_DATA = 0.5  # the data std the consistency-model parametrisation assumes
 # A consistency model maps any noise level to its x0 in one call; multistep sampling (re-noise, jump again)
-# only refines, and gains nothing beyond a few steps (Song et al. 2023 report 1-2). Plans of the consistency
-# sampler, and of any sampler over a consistency model, are capped here.
+# only refines, and gains nothing beyond a few steps (Song et al. 2023 report 1-2). Plans over a consistency
+# model, whatever the sampler, are capped here. (The consistency sampler over a DDPM-style model is ancestral
+# sampling, which keeps improving with steps: not capped.)
 CONSISTENCY_MAX_STEPS = 8
 
 
@@ -52,8 +53,9 @@ def natural_sampler(prediction_type: str) -> str:
 
 
 def max_steps(sampler: str, prediction_type: str = "epsilon") -> int | None:
-    """The most steps worth planning for ``sampler`` over a model of ``prediction_type`` (None: no cap)."""
-    if sampler == "consistency" or prediction_type == "consistency":
+    """The most steps worth planning for ``sampler`` over a model of ``prediction_type`` (None: no cap):
+    CONSISTENCY_MAX_STEPS over a consistency model, whichever sampler runs it; no cap otherwise."""
+    if prediction_type == "consistency":
         return CONSISTENCY_MAX_STEPS
     return None
 

@@ -81,10 +81,9 @@ def make_bundle(artifact_dir: str | Path, out: str | Path, profiles: Iterable[st
     with atomic_dir(out) as tmp:
         for name in (MANIFEST_NAME, *manifest.files):
             shutil.copy2(artifact_dir / name, tmp / name)
-        if profiles:
-            (tmp / PROFILES).mkdir()
-            for p in profiles:
-                shutil.copy2(p, tmp / PROFILES / p.name)
+        (tmp / PROFILES).mkdir()       # even empty: `abcd-edge profile --bundle` on the device writes here
+        for p in profiles:
+            shutil.copy2(p, tmp / PROFILES / p.name)
         if controller is not None:
             (tmp / CONTROLLER).mkdir()
             for name in CONTROLLER_FILES + CONTROLLER_EXTRAS:

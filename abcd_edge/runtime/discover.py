@@ -45,8 +45,19 @@ def profiles_for(manifest_hash: str, device: str | None = None, search: list[Pat
     return found
 
 
+def default_profile_target(artifact_dir: str | Path, device: str) -> Path:
+    """Where `abcd-edge profile` writes without --out, somewhere discovery looks: a bundle's profiles/; the
+    checkout's profiles/; else (the wheel's embedded demo, an artifact outside a checkout) the user cache."""
+    artifact_dir = Path(artifact_dir)
+    if bundle.profiles_dir(artifact_dir).is_dir() and paths.EMBEDDED_DIR not in artifact_dir.resolve().parents:
+        return bundle.profiles_dir(artifact_dir) / f"{device}.json"
+    if paths.PROFILES_DIR.is_dir():
+        return paths.PROFILES_DIR / f"{device}.json"
+    return paths.user_cache_dir() / f"{device}.json"
+
+
 def find_or_measure_profile(artifact_dir: Path, manifest_hash: str, device: str, backend: str,
-                            threads: int | None, power: str, quick_runs: int) -> Path:
+                            threads: int | None, power: str, quick_runs: int, precision: str = "fp32") -> Path:
     """A committed or cached profile of this artifact on this device kind, else a quick one measured now."""
     matches = profiles_for(manifest_hash, device, [bundle.profiles_dir(artifact_dir), paths.PROFILES_DIR,
                                                    paths.user_cache_dir()])
@@ -58,7 +69,8 @@ def find_or_measure_profile(artifact_dir: Path, manifest_hash: str, device: str,
     print(f"abcd-edge: no profile for device {device} and this artifact; measuring a quick one "
           f"({quick_runs} steps) -> {cache}", file=sys.stderr)
     measured = measure_profile(artifact_dir, backend=backend, threads=threads, runs=quick_runs, warmup=10,
-                               power=power, progress=False, command="(auto quick profile by abcd-edge run)")
+                               power=power, progress=False, command="(auto quick profile by abcd-edge run)",
+                               precision=precision)
     measured.save(cache)
     return cache
 
@@ -90,7 +102,7 @@ def load_controller(controller: str | Path | None, manifest_name: str, manifest_
 def discover(artifact_dir: str | Path | None, profile: str | Path | None = None,
              controller: str | Path | None = "auto", backend: str = "ort-cpu", threads: int | None = None,
              power: str = "auto", simulated: bool = False, quick_profile_runs: int = 60,
-             denoiser=None) -> SessionParts:
+             denoiser=None, precision: str = "fp32") -> SessionParts:
     """Load the artifact, open its denoiser (unless one is given), find its profile, controller and meter."""
     from abcd_edge.device import hardware, telemetry
     from abcd_edge.device.backends import open_denoiser
@@ -104,10 +116,10 @@ def discover(artifact_dir: str | Path | None, profile: str | Path | None = None,
     manifest = load_manifest(artifact_dir)
     mhash = manifest_hash(artifact_dir)
     if denoiser is None:
-        denoiser = open_denoiser(artifact_dir, backend=backend, threads=threads)
-    device = hardware.device_id(backend, threads)
+        denoiser = open_denoiser(artifact_dir, backend=backend, threads=threads, precision=precision)
+    device = hardware.device_id(backend, threads, precision=precision)
     profile_path = Path(profile) if profile is not None else find_or_measure_profile(
-        artifact_dir, mhash, device, backend, threads, power, quick_profile_runs)
+        artifact_dir, mhash, device, backend, threads, power, quick_profile_runs, precision)
     prof = load_profile(profile_path, mhash)
     if prof.device_id != device and not simulated:
         raise UserError(f"profile {str(profile_path)!r} was measured on device {prof.device_id!r}, "

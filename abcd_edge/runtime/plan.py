@@ -120,7 +120,7 @@ def plan_request(budget: Budget, limit: float, *, rho: float, sampler: str, batc
     the most steps whose *sum* fits the limit, fewer where rho < 1 asks for less (the controller's
     validated exit rule), placed as the controller's gate says or by a rule. The steps are capped at
     RULE_MAX_STEPS (rule-based) or the train timesteps (controller), and at what the sampler and model can
-    use (``core.samplers.max_steps``: 8 for the consistency sampler or a consistency model)."""
+    use (``core.samplers.max_steps``: 8 over a consistency model, whatever the sampler)."""
     context = context_vector(limit, bp.flops_per_s, rho) if controller is not None else None
     cap = RULE_MAX_STEPS if controller is None else schedule.num_train_timesteps
     cap = min(cap, max_steps(sampler, prediction_type) or cap)

@@ -97,22 +97,13 @@ class ServeResult:
     note: str = ""
 
 
-def serve(budget: Budget, rho: float, sampler: str, placement: str, seed: int, batch: int, artifact: str,
-          profile: str | None, controller: str | None, backend: str, threads: int, power: str,
-          best_effort: bool, requests: int, out: Path, report: Path) -> str:
-    """:func:`serve_requests`, returning its summary line (a Ctrl-C, once the answer so far is written,
-    is raised again as KeyboardInterrupt)."""
-    res = serve_requests(budget, rho, sampler, placement, seed, batch, artifact, profile, controller, backend,
-                         threads, power, best_effort, requests, out, report)
-    if res.interrupted:
-        raise KeyboardInterrupt(res.note)
-    return res.line
-
-
-def serve_requests(budget: Budget, rho: float, sampler: str, placement: str, seed: int, batch: int, artifact: str,
-                   profile: str | None, controller: str | None, backend: str, threads: int, power: str,
-                   best_effort: bool, requests: int, out: Path, report: Path) -> ServeResult:
+def serve_requests(budget: Budget, *, requests: int, out: Path, report: Path, session: dict,
+                   **request) -> ServeResult:
     """Run the requests; write the last image and the report after the clocks stop.
+
+    ``session`` is what :meth:`AnytimeRuntime.open` takes (artifact, profile, controller, backend,
+    threads, power, precision); ``request`` what :meth:`AnytimeRuntime.generate` takes (rho, sampler,
+    placement, seed, batch, best_effort): request k runs with seed + k.
 
     With several requests, each request's row is streamed into the report's temp
     file between requests (after its clock stopped), so nothing grows with N in
@@ -126,30 +117,28 @@ def serve_requests(budget: Budget, rho: float, sampler: str, placement: str, see
     """
     image_format(out)          # an unknown suffix is refused before any work
     try:
-        return _serve(budget, rho, sampler, placement, seed, batch, artifact, profile, controller, backend,
-                      threads, power, best_effort, requests, out, report)
+        return _serve(budget, requests, out, report, session, request)
     except KeyboardInterrupt:
         return ServeResult(None, 0, interrupted=True,
                            note="interrupted before any step finished; nothing written")
 
 
-def _serve(budget, rho, sampler, placement, seed, batch, artifact, profile, controller, backend, threads, power,
-           best_effort, requests, out, report) -> ServeResult:
+def _serve(budget: Budget, requests: int, out: Path, report: Path, session: dict, request: dict) -> ServeResult:
     from tqdm import tqdm
 
     stats = RunningStats(requests)
     rss_warm = None
     images = rep = None
     interrupted = False
-    with AnytimeRuntime.open(artifact, profile=profile, controller=controller, backend=backend, threads=threads,
-                             power=power) as rt:
+    request = dict(request)
+    seed = request.pop("seed", 0)
+    with AnytimeRuntime.open(**session) as rt:
         with atomic_path(report) as tmp, open(tmp, "w") as rows:
             rows.write('{"schema_version": 1, "requests": [\n')
             try:
                 for k in tqdm(range(requests), desc="requests", unit="req", disable=requests < 50, file=sys.stderr):
                     try:
-                        images, rep = rt.generate(budget, rho=rho, sampler=sampler, seed=seed + k, batch=batch,
-                                                  best_effort=best_effort, placement=placement)
+                        images, rep = rt.generate(budget, seed=seed + k, **request)
                     except RequestInterrupted as exc:
                         if exc.report is None:
                             raise

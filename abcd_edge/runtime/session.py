@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from abcd_edge.core.budget import Budget
+from abcd_edge.core.budget import Budget, parse_budget
 from abcd_edge.core.images import check_image_channels, to_uint8
 from abcd_edge.core.loop import LoopInterrupted, run_steps
 from abcd_edge.core.noise import NoiseSchedule
@@ -83,13 +83,14 @@ class AnytimeRuntime:
     @classmethod
     def open(cls, artifact_dir: str | Path | None = None, profile: str | Path | None = None,
              controller: str | Path | None = "auto", backend: str = "ort-cpu", threads: int | None = None,
-             power: str = "auto", clock=None, quick_profile_runs: int = 60, denoiser=None) -> "AnytimeRuntime":
+             power: str = "auto", clock=None, quick_profile_runs: int = 60, denoiser=None,
+             precision: str = "fp32") -> "AnytimeRuntime":
         """Find or measure what a session needs (see runtime/discover.py) and open it warm."""
         from abcd_edge.runtime.discover import discover
 
         parts = discover(artifact_dir, profile=profile, controller=controller, backend=backend, threads=threads,
                          power=power, simulated=getattr(clock, "simulated", False),
-                         quick_profile_runs=quick_profile_runs, denoiser=denoiser)
+                         quick_profile_runs=quick_profile_runs, denoiser=denoiser, precision=precision)
         return cls(parts.denoiser, parts.manifest, parts.profile, controller=parts.controller, meter=parts.meter,
                    clock=clock, manifest_hash=parts.manifest_hash, artifact_dir=parts.artifact_dir,
                    profile_path=parts.profile_path, controller_dir=parts.controller_dir, notes=parts.notes)
@@ -187,10 +188,12 @@ class AnytimeRuntime:
         """
         return self.cost_model(batch, sampler, correction=1.0).minimum_ms()
 
-    def plan(self, budget: Budget, rho: float = 1.0, sampler: str = "default", seed: int = 0, batch: int = 1,
+    def plan(self, budget: Budget | str, rho: float = 1.0, sampler: str = "default", seed: int = 0, batch: int = 1,
              best_effort: bool = False, placement: str = "auto", use_exit_rule: bool = True) -> RequestPlan:
         """Plan one request (refusing a budget below the minimum unless ``best_effort``). ``sampler``
-        "default" is the artifact's natural one (consistency for a consistency model, else DDIM)."""
+        "default" is the artifact's natural one (consistency for a consistency model, else DDIM). ``budget``
+        is a Budget or its text ("150ms", "2J")."""
+        budget = parse_budget(budget) if isinstance(budget, str) else budget
         check_request(rho, sampler, batch, placement)
         bp = self.profile.for_batch(batch)
         limit = budget_in_ms(budget, bp, self.profile_path, self.profile.power.meter)
@@ -211,7 +214,7 @@ class AnytimeRuntime:
                             prediction_type=prediction)
 
     # ------------------------------------------------------------------------------------ serving
-    def generate(self, budget: Budget, rho: float = 1.0, sampler: str = "default", seed: int = 0, batch: int = 1,
+    def generate(self, budget: Budget | str, rho: float = 1.0, sampler: str = "default", seed: int = 0, batch: int = 1,
                  best_effort: bool = False, placement: str = "auto", use_exit_rule: bool = True,
                  clock=None) -> tuple[np.ndarray, RequestReport]:
         """One request: images uint8 [batch,H,W,3] made before the deadline, and its report.

@@ -22,12 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from abcd_edge import __version__
 from abcd_edge.core.budget import parse_budget
 from abcd_edge.core.samplers import SAMPLER_NAMES
-from abcd_edge.runtime.plan import PLACEMENTS
+from abcd_edge.runtime.plan import PLACEMENTS, resolve_sampler
 from abcd_edge.runtime.serve import rss_mb
 from abcd_edge.service.admission import AdmissionQueue, Decision, OverheadEstimate
 from abcd_edge.service.worker import GenerateParams, Outcome, Worker
 
-DBG = []
 ARRIVAL_KEY = "abcd_edge.arrival"   # the ASGI scope key the arrival stamp is kept under
 WARMUP_REQUESTS = 10                # per pass, two passes
 WARMUP_STEPS = 3                    # warm-up requests get a budget in which this many steps fit (+ overhead)
@@ -43,7 +42,9 @@ class GenerateRequest(BaseModel):
     quality: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False,
                            description="rho in [0, 1]: 1 spends every step the budget allows.")
     seed: int = Field(0, ge=0, lt=2**63)
-    sampler: Literal[(*SAMPLER_NAMES, "auto")] = "ddim"
+    sampler: Literal[(*SAMPLER_NAMES, "default", "auto")] = Field(
+        "default", description="default: the artifact's natural sampler (consistency for a consistency model, "
+                               "else ddim); auto: the calibrated one with the best validated quality.")
     placement: Literal[PLACEMENTS] = "auto"
 
     @field_validator("budget")
@@ -90,7 +91,6 @@ def create_app(runtime, *, queue: int = 64, warmup_requests: int = WARMUP_REQUES
             admission.answered(ticket, outcome.kind, clock())
             return _failure(outcome, (ticket.taken - arrival) * 1e3)
         ready = clock()
-        outcome.dbg.append((ready - outcome.t_hand)*1e3)
         wait_ms, latency_ms = (ticket.taken - arrival) * 1e3, (ready - arrival) * 1e3
         rep = outcome.report
         if want_png:
@@ -103,15 +103,14 @@ def create_app(runtime, *, queue: int = 64, warmup_requests: int = WARMUP_REQUES
                     "deadline_met": latency_ms <= params.budget_ms}
             response = Response(json.dumps(body).encode(), media_type="application/json")
         admission.answered(ticket, "completed", clock(), rep.latency_ms)    # the overhead includes building the body
-        outcome.dbg.append((clock()-ready)*1e3)
-        if counted: DBG.append(outcome.dbg)
         return response
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         worker.start()
         try:
-            steps_ms = runtime.cost_model(1, "ddim").budget_for(WARMUP_STEPS)
+            natural = resolve_sampler("default", runtime.manifest.prediction_type)
+            steps_ms = runtime.cost_model(1, natural).budget_for(WARMUP_STEPS)
             for k in range(2 * warmup_requests):
                 if k == warmup_requests:       # the first pass pays one-off costs (imports, first encodes)
                     admission.overhead.clear()
@@ -134,6 +133,10 @@ def create_app(runtime, *, queue: int = 64, warmup_requests: int = WARMUP_REQUES
         503: {"description": "refused: the deadline cannot be met behind the queue, or the queue is full"},
         422: {"description": "bad input, an energy budget, or a budget below the smallest achievable response"}})
     async def generate(body: GenerateRequest, request: Request) -> Response:
+        """The best image this device can make before arrival + budget, or a refusal at once.
+
+        Admitted only if the deadline can still be met after the worst-case wait behind the requests
+        ahead; the runtime then gets what is left of the budget when the worker takes the request."""
         arrival = request.scope.get(ARRIVAL_KEY, clock())
         if body.placement == "controller" and runtime.controller is None:
             return JSONResponse({"detail": "placement 'controller' needs a calibrated controller; this service "
@@ -144,13 +147,10 @@ def create_app(runtime, *, queue: int = 64, warmup_requests: int = WARMUP_REQUES
                                            f"(accepted: {', '.join(worker.samplers)})"}, status_code=422)
         return await respond(body.params(), arrival, "image/png" in request.headers.get("accept", ""))
 
-    @app.get("/dbg")
-    async def dbg():
-        import numpy as np
-        a = np.array(DBG); return {"n": len(a), "p50": np.percentile(a, 50, axis=0).tolist(), "p99": np.percentile(a, 99, axis=0).tolist(), "max": a.max(axis=0).tolist()}
-
     @app.get("/health")
     async def health() -> dict:
+        """The model, the queue, the counts (accepted, refused, dropped, completed, late, failed), the measured
+        overhead, the minimum response per sampler (now, and the profile's) and the server's RSS."""
         return {"status": "ok", "model": runtime.manifest.name, "artifact": runtime.artifact_dir,
                 "backend": runtime.backend, "profile": runtime.profile_path,
                 "profile_device": runtime.profile.device_id, "controller": runtime.controller_dir,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from abcd_edge.core.budget import Budget
 from abcd_edge.core.images import image_grid, png_bytes
 from abcd_edge.errors import UserError
+from abcd_edge.runtime.plan import resolve_sampler
 from abcd_edge.runtime.report import RequestReport
 from abcd_edge.service.admission import AdmissionQueue, Decision, Ticket
 
@@ -25,7 +26,7 @@ class GenerateParams:
     budget_ms: float
     rho: float = 1.0
     seed: int = 0
-    sampler: str = "ddim"
+    sampler: str = "default"
     placement: str = "auto"
 
 
@@ -62,16 +63,20 @@ class Worker:
     def _measure_minimums(self) -> tuple[dict[str, float], dict[str, float]]:
         """Per sampler at batch 1: the profile's minimum (``runtime.minimum_ms``) and the smallest response
         the runtime would start now (its cost model at the running correction and observed tail, never
-        below the profile's); "auto" the largest of each, as the choice is made only at planning.
+        below the profile's); "default" the artifact's natural sampler's, "auto" the largest of each, as
+        the choice is made only at planning.
         Refreshed by the worker after each request, so the event loop reads finished dicts and never the
         runtime's state while a request runs."""
         floors = {s: self.runtime.minimum_ms(1, s) for s in self.runtime.profile.for_batch(1).sampler_ms}
         now = {s: max(floors[s], self.runtime.cost_model(1, s).minimum_ms()) for s in floors}
+        natural = resolve_sampler("default", self.runtime.manifest.prediction_type)
+        if natural in floors:
+            floors["default"], now["default"] = floors[natural], now[natural]
         return {**floors, "auto": max(floors.values())}, {**now, "auto": max(now.values())}
 
     @property
     def samplers(self) -> tuple[str, ...]:
-        """The samplers this device's profile has timings for, and "auto"."""
+        """The samplers this device's profile has timings for, "default" and "auto"."""
         return tuple(self._minimums)
 
     def minimum_ms(self, sampler: str) -> float:
@@ -106,13 +111,9 @@ class Worker:
     def _run(self) -> None:
         while (ticket := self.queue.take()) is not None:
             pending: _Pending = ticket.payload
-            import time as _t; _a=_t.perf_counter()
             outcome = self._execute(ticket, pending.params)
-            outcome.dbg = [(_a - ticket.taken)*1e3, (_t.perf_counter()-_a)*1e3 - (outcome.report.latency_ms if outcome.report else 0)]
-            _b=_t.perf_counter()
             self._floors, self._minimums = self._measure_minimums()
             self.queue.release(ticket)
-            outcome.dbg.append((_t.perf_counter()-_b)*1e3); outcome.t_hand=_t.perf_counter()
             pending.loop.call_soon_threadsafe(_resolve, pending.future, (ticket, outcome))
 
     def _execute(self, ticket: Ticket, p: GenerateParams) -> Outcome:

@@ -238,3 +238,27 @@ def test_cost_predictor_overruled_where_the_profile_disagrees(calibrated, tiny_a
         assert rt.cost_model(1, "ddim").step_tail_ms == rt.profile.for_batch(1).step.p99_ms
     finally:
         rt.close()
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tiny_artifact, fixed_profile, tiny_feature_nets, tmp_path,
+                                                       monkeypatch):
+    """A run that failed after its gate (steps 2,3) leaves a checkpoint; a new run with steps 2 must not
+    report the old run's n = 3 (it once did: the checkpoint was resumed whatever the settings)."""
+    from abcd_edge.calibrate import CalibrationConfig, calibrate, persist
+
+    def cfg(steps):
+        return CalibrationConfig(samplers=("ddim",), search_noises=8, search_steps=steps, gate_noises=8, wg_iters=20,
+                                 cost_iters=20, threads=1, calibration_net=str(tiny_feature_nets[0]),
+                                 evaluation_net=str(tiny_feature_nets[1]))
+
+    def fail(*a, **k):
+        raise RuntimeError("stopped before writing")
+
+    out = tmp_path / "cal"
+    with monkeypatch.context() as m:
+        m.setattr(persist, "write", fail)
+        with pytest.raises(RuntimeError):
+            calibrate(tiny_artifact, [fixed_profile], out, cfg((2, 3)), progress=False)
+    assert (tmp_path / ".cal.ckpt" / "gate.json").is_file()
+    report = calibrate(tiny_artifact, [fixed_profile], out, cfg((2,)), progress=False)
+    assert list(report["gate"]["ddim"]) == ["2"]

@@ -13,8 +13,11 @@ fixed order and each takes what it needs from ``state.rng`` in turn.
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from abcd_edge.core.budget import context_vector
 from abcd_edge.core.noise import NoiseSchedule
 from abcd_edge.errors import UserError
 from abcd_edge.formats.controller import Controller, ControllerSpec
-from abcd_edge.formats.manifest import Manifest
+from abcd_edge.formats.manifest import Manifest, sha256_file
 from abcd_edge.formats.profile import BatchProfile
 from abcd_edge.runtime.cost import CostModel
 
@@ -68,6 +71,20 @@ class CalibrationConfig:
     def steps_for(self, sampler: str) -> tuple[int, ...]:
         """The step counts searched, fitted and gated for ``sampler``."""
         return tuple(self.search_steps) if sampler == self.samplers[0] else tuple(self.other_steps)
+
+
+def _checkpoint_folder(out: Path, identity: dict) -> Path:
+    """``.<out>.ckpt`` beside ``out``, resumed only when it was made by the same configuration, artifact
+    and profiles (``identity``); a checkpoint of other settings is discarded, with a note."""
+    ckpt = out.parent / f".{out.name}.ckpt"
+    stamp = ckpt / "identity.json"
+    text = json.dumps(identity, sort_keys=True, default=str)
+    if ckpt.is_dir() and (not stamp.is_file() or stamp.read_text() != text):
+        print(f"abcd-edge calibrate: {ckpt} was made with other settings; starting over", file=sys.stderr)
+        shutil.rmtree(ckpt)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(text)
+    return ckpt
 
 
 @dataclass
@@ -217,8 +234,8 @@ class CalibrationState:
             unet = load_torch_unet(manifest)
         cal_net = FeatureNet(config.calibration_net, threads=config.threads)
         eval_net = FeatureNet(config.evaluation_net, threads=config.threads)
-        ckpt = out.parent / f".{out.name}.ckpt"
-        ckpt.mkdir(parents=True, exist_ok=True)
+        ckpt = _checkpoint_folder(out, dict(asdict(config), manifest_hash=mh, profiles=[
+            sha256_file(p) for p in profiles]))
         rng = np.random.default_rng(config.seed)
         return cls(artifact=artifact, out=out, cfg=config, progress=progress, manifest=manifest, manifest_hash=mh,
                    profiles=loaded, profile_paths=[str(p) for p in profiles], schedule=schedule, spec=spec,

@@ -16,11 +16,12 @@ start now: one step + finishing at the step tail it uses now (the profile's tail
 x the online correction, or the tail observed lately, whichever is larger; never
 below the profile's own, ``runtime.minimum_ms``). It then gets at least one step
 and a finished image before its deadline, whatever the requests ahead of it do.
-While the worker is idle the bar is the profile's minimum: a request then runs at
-once, and either steps or, taking none, relaxes the correction (runtime/cost.py),
-so a transient slowdown cannot leave the service refusing short budgets forever.
-A budget below the profile's minimum can never be met ("below minimum", the HTTP
-layer's 422); every other refusal depends on the load (503, retry later).
+While the worker is idle the bar is the runtime's own ``minimum_ms`` (no
+correction): a request then runs at once, and either steps or, taking none,
+relaxes the correction (runtime/cost.py), so a transient slowdown cannot leave the
+service refusing short budgets forever. A budget below the profile's minimum can
+never be met on this device ("below minimum", the HTTP layer's 422); every other
+refusal depends on the load (503, retry later).
 
 The overhead (planning, noise, encoding PNG and JSON, handing the result back to
 the event loop) is measured per request as (response ready - taken) - the
@@ -49,7 +50,9 @@ class Ticket:
     arrival: float
     budget_ms: float
     minimum_ms: float            # the smallest response the runtime would start now (see above)
-    floor_ms: float = 0.0        # the profile's: runtime.minimum_ms(batch, sampler) <= minimum_ms
+    floor_ms: float = 0.0        # runtime.minimum_ms(batch, sampler): the profile's tail, or the one observed
+                                 # lately if larger (no correction); <= minimum_ms
+    never_ms: float = 0.0        # the profile's alone: a budget below it can never be met on this device
     payload: Any = None          # what the worker needs: the request's parameters, where to answer
     counted: bool = True         # False for the service's own warm-up requests (kept out of the counts)
     taken: float | None = None   # when the worker took it
@@ -67,7 +70,7 @@ class Decision:
     reason: str                  # admitted | deadline | queue full | below minimum | closed
     predicted_wait_ms: float     # worst case until the worker is free for this request
     remaining_ms: float          # what the runtime would get after that wait and the overhead
-    minimum_ms: float            # the bar remaining_ms was held to (the floor for "below minimum")
+    minimum_ms: float            # the bar remaining_ms was held to (the profile's for "below minimum")
     overhead_ms: float
     queue_length: int            # requests queued ahead (not counting the one in progress)
 
@@ -160,11 +163,12 @@ class AdmissionQueue:
             remaining = ticket.budget_ms - (free - ticket.arrival) * 1e3 - overhead
             idle = self._current is None and not self._queue
             floor = min(ticket.floor_ms or ticket.minimum_ms, ticket.minimum_ms)
+            never = min(ticket.never_ms or floor, floor)
             bar = floor if idle else ticket.minimum_ms
             if self._closed:
                 reason = "closed"
-            elif ticket.budget_ms - (now - ticket.arrival) * 1e3 < floor:
-                reason, bar = "below minimum", floor     # the runtime alone could not meet it, whatever the load
+            elif ticket.budget_ms - (now - ticket.arrival) * 1e3 < never:
+                reason, bar = "below minimum", never     # the runtime alone could not meet it, whatever the load
             elif len(self._queue) >= self.capacity:
                 reason = "queue full"
             elif remaining < bar:

@@ -155,7 +155,7 @@ def create_app(runtime, *, queue: int = 64, warmup_requests: int = WARMUP_REQUES
                 "backend": runtime.backend, "profile": runtime.profile_path,
                 "profile_device": runtime.profile.device_id, "controller": runtime.controller_dir,
                 "minimum_ms": {s: round(worker.minimum_ms(s), 3) for s in worker.samplers},
-                "profile_minimum_ms": {s: round(worker.floor_ms(s), 3) for s in worker.samplers},
+                "profile_minimum_ms": {s: round(worker.profile_minimum_ms(s), 3) for s in worker.samplers},
                 "rss_mb": rss_mb(), **admission.snapshot()}
 
     return app

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ class Worker:
         self.runtime, self.queue = runtime, queue
         self._thread: threading.Thread | None = None
         self._floors, self._minimums = self._measure_minimums()
+        self._never = self._profile_minimums()
 
     def _measure_minimums(self) -> tuple[dict[str, float], dict[str, float]]:
         """Per sampler at batch 1: the profile's minimum (``runtime.minimum_ms``) and the smallest response
@@ -74,6 +76,13 @@ class Worker:
             floors["default"], now["default"] = floors[natural], now[natural]
         return {**floors, "auto": max(floors.values())}, {**now, "auto": max(now.values())}
 
+    def _profile_minimums(self) -> dict[str, float]:
+        """Per sampler: one step + finishing at the profile's own tails, nothing observed since."""
+        never = {s: dataclasses.replace(self.runtime.cost_model(1, s, correction=1.0), observed_tail_ratio=0.0)
+                 .minimum_ms() for s in self._floors if s not in ("default", "auto")}
+        natural = resolve_sampler("default", self.runtime.manifest.prediction_type)
+        return {**never, "default": never.get(natural, max(never.values())), "auto": max(never.values())}
+
     @property
     def samplers(self) -> tuple[str, ...]:
         """The samplers this device's profile has timings for, "default" and "auto"."""
@@ -84,8 +93,12 @@ class Worker:
         return self._minimums[sampler]
 
     def floor_ms(self, sampler: str) -> float:
-        """The profile's smallest achievable response for the sampler (one step + finishing at its tail)."""
+        """``runtime.minimum_ms``: one step + finishing at the profile's tail or the tail observed lately."""
         return self._floors[sampler]
+
+    def profile_minimum_ms(self, sampler: str) -> float:
+        """One step + finishing at the profile's own tail: a budget below it can never be met here."""
+        return self._never[sampler]
 
     def submit(self, params: GenerateParams, arrival: float,
                counted: bool = True) -> tuple[Decision, asyncio.Future | None]:
@@ -93,7 +106,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         ticket = Ticket(arrival=arrival, budget_ms=params.budget_ms, minimum_ms=self.minimum_ms(params.sampler),
-                        floor_ms=self.floor_ms(params.sampler),
+                        floor_ms=self.floor_ms(params.sampler), never_ms=self.profile_minimum_ms(params.sampler),
                         payload=_Pending(params, loop, future), counted=counted)
         decision = self.queue.offer(ticket)
         return decision, (future if decision.admitted else None)

@@ -13,7 +13,7 @@ import pytest
 from abcd_edge.device import tensorrt as trt_device
 from abcd_edge.device.tensorrt import check_trt_plan, load_trt_plan_meta
 from abcd_edge.errors import UserError
-from abcd_edge.formats.manifest import SCHEMA_VERSION, Manifest, load_manifest, manifest_hash, sha256_file
+from abcd_edge.formats.manifest import SCHEMA_VERSION, Manifest, content_hash, load_manifest, manifest_hash
 
 
 def _sha(data: bytes) -> str:
@@ -74,7 +74,8 @@ def test_round_trip_is_exact():
     (dict(resolution="32"), r"manifest\.resolution: expected an integer"),
     (dict(flops_per_step=1.5), r"manifest\.flops_per_step: expected an integer"),
     (dict(flops_rel_diff="small"), r"manifest\.flops_rel_diff: expected a finite number"),
-    (dict(model_kind="text-to-image"), "field 'model_kind' is 'text-to-image'; accepted"),
+    (dict(model_kind="video"), "field 'model_kind' is 'video'; accepted"),
+    (dict(model_kind="text-to-image"), "field 'pipeline' must be set for a text-to-image model"),
     (dict(prediction_type="noise"), "field 'prediction_type'"),
     (dict(batch_min=0), "field 'batch_min' must be >= 1"),
     (dict(batch_min=4, batch_max=2), "field 'batch_max'"),
@@ -130,13 +131,20 @@ def test_load_errors_are_one_liners(tmp_path):
         load_manifest(tmp_path / "empty")
 
 
-def test_manifest_hash_is_sha256_of_bytes(tmp_path):
+def test_manifest_hash_is_the_content_hash(tmp_path):
+    """What the artifact computes, not the manifest's bytes: its name and creation time do not count,
+    a scheduler setting does."""
     write_artifact(tmp_path / "a")
-    raw = (tmp_path / "a" / "manifest.json").read_bytes()
-    assert manifest_hash(tmp_path / "a") == hashlib.sha256(raw).hexdigest() == sha256_file(tmp_path / "a" /
-                                                                                           "manifest.json")
-    (tmp_path / "a" / "manifest.json").write_bytes(raw.replace(b'"tiny"', b'"tinz"'))
-    assert manifest_hash(tmp_path / "a") != hashlib.sha256(raw).hexdigest()
+    path = tmp_path / "a" / "manifest.json"
+    raw = path.read_bytes()
+    first = manifest_hash(tmp_path / "a")
+    assert first == content_hash(load_manifest(tmp_path / "a")) != hashlib.sha256(raw).hexdigest()
+    data = json.loads(raw)
+    path.write_text(json.dumps(dict(data, name="renamed", created_utc="2030-01-01T00:00:00+00:00"), indent=4))
+    assert manifest_hash(tmp_path / "a") == first
+    data["scheduler_config"]["num_train_timesteps"] = 999
+    path.write_text(json.dumps(data))
+    assert manifest_hash(tmp_path / "a") != first
 
 
 # --------------------------------------------------------------------------------- TensorRT

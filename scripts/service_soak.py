@@ -92,7 +92,7 @@ def _markdown(result: dict) -> str:
         f"| failed (500) | {c['failed']} |",
         f"| server RSS after warm-up -> end | {h0['rss_mb']:.1f} -> {h1['rss_mb']:.1f} MiB "
         f"({result['rss_growth']:+.2%}) |",
-        f"| overhead outside the runtime (largest of the last 256 answers, at the end) | "
+        f"| overhead outside the runtime (99th percentile of the last 256 answers, at the end) | "
         f"{h1['overhead_ms']:.2f} ms |",
         "",
         "| budget | requests | with image | refused / dropped | late (server) | over budget (client) | "

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.sd_fixtures"]   # tiny SD / LCM pipeline folders and their exports (issue 15)
+
 # caches the code under test writes (quick profiles, the gate's static features) go to a throw-away folder
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="abcd-edge-test-cache-")
 

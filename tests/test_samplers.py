@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from abcd_edge.errors import UserError
-from abcd_edge.core.samplers import (PREDICTION_TYPES, SAMPLER_DESCRIPTORS, SAMPLER_NAMES, SIGMA_DATA, alpha_of_sigma,
-                                make_sampler)
+from abcd_edge.core.samplers import (PREDICTION_TYPES, SAMPLER_BASE, SAMPLER_DESCRIPTORS, SAMPLER_NAMES, SIGMA_DATA,
+                                     alpha_of_sigma, make_sampler)
 from abcd_edge.core.noise import NoiseSchedule
 from abcd_edge.core.placement import karras_sigmas, logsnr_uniform_sigmas, time_uniform_sigmas
 
@@ -221,7 +221,7 @@ def oracle(schedule: NoiseSchedule, x0: np.ndarray, prediction_type: str):
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("name,eta", [("ddim", 0.0), ("ddim", 1.0), ("dpmpp-2m", 0.0), ("euler", 0.0),
-                                      ("consistency", 0.0)])
+                                      ("consistency", 0.0), ("euler-ancestral", 0.0), ("lcm", 0.0)])
 def test_oracle_denoiser_is_recovered_at_every_step(name, eta, prediction_type):
     schedule = NoiseSchedule.from_config(DEMO_CONFIG)
     x0 = np.random.default_rng(6).uniform(-0.9, 0.9, SHAPE)
@@ -262,9 +262,36 @@ def test_unknown_names_are_refused_with_the_accepted_ones():
         make_sampler("euler", schedule, sigmas[::-1])
 
 
+def test_sampler_options_apply_to_their_samplers_only_and_configs_pick_the_natural_sampler():
+    from abcd_edge.core.samplers import CONSISTENCY_MAX_STEPS, diffusers_options, max_steps, natural_sampler
+    schedule = NoiseSchedule.from_config(SD_CONFIG)
+    sigmas = karras_sigmas(schedule, 3)
+    with pytest.raises(UserError, match="ddim"):
+        make_sampler("euler", schedule, sigmas, final_sigma=schedule.sigma_min)
+    with pytest.raises(UserError, match="lcm"):
+        make_sampler("ddim", schedule, sigmas, timestep_scaling=10.0)
+    assert make_sampler("lcm", schedule, sigmas).timestep_scaling == 10.0
+    assert natural_sampler("epsilon", {"_class_name": "LCMScheduler"}) == "lcm"
+    assert natural_sampler("epsilon", {"_class_name": "EulerAncestralDiscreteScheduler"}) == "euler-ancestral"
+    assert natural_sampler("epsilon", {"_class_name": "PNDMScheduler"}) == natural_sampler("epsilon") == "ddim"
+    assert natural_sampler("consistency", {"_class_name": "LCMScheduler"}) == "consistency"
+    assert max_steps("lcm") == max_steps("ddim", "consistency") == CONSISTENCY_MAX_STEPS and max_steps("ddim") is None
+    sd15 = dict(SD_CONFIG, set_alpha_to_one=False, steps_offset=1)
+    assert diffusers_options("ddim", sd15) == {"unit_noise": True, "final_sigma": schedule.sigma_min}
+    assert diffusers_options("lcm", dict(SD_CONFIG, timestep_scaling=5)) == {"unit_noise": True,
+                                                                            "timestep_scaling": 5.0}
+    assert diffusers_options("euler", dict(SD_CONFIG, timestep_spacing="trailing")) == {
+        "unit_noise": False, "interpolation": "linear"}
+    # unit_noise: the VP state starts at the noise itself (diffusers' init_noise_sigma 1 / sqrt(sigma_0^2 + 1))
+    noise = rng_noise(11)
+    for name in ("ddim", "euler"):
+        sampler = make_sampler(name, schedule, sigmas, unit_noise=True)
+        assert max_diff(sampler.model_input(sampler.prepare(noise), 0)[0], noise) < 1e-6
+
+
 def test_stochastic_samplers_demand_noise_except_on_the_last_step():
     schedule = NoiseSchedule.from_config(DEMO_CONFIG)
-    for name, eta in [("ddim", 0.5), ("consistency", 0.0)]:
+    for name, eta in [("ddim", 0.5), ("consistency", 0.0), ("euler-ancestral", 0.0), ("lcm", 0.0)]:
         sampler = make_sampler(name, schedule, karras_sigmas(schedule, 2), eta=eta)
         x = sampler.prepare(rng_noise(9))
         with pytest.raises(ValueError, match="noise"):
@@ -276,7 +303,11 @@ def test_stochastic_samplers_demand_noise_except_on_the_last_step():
 def test_descriptors_cover_every_sampler_with_one_length():
     assert set(SAMPLER_DESCRIPTORS) == set(SAMPLER_NAMES)
     assert len({len(z) for z in SAMPLER_DESCRIPTORS.values()}) == 1
-    assert len(set(SAMPLER_DESCRIPTORS.values())) == len(SAMPLER_NAMES)
+    # distinct, except that lcm is shown to the controller as the consistency sampler it is
+    assert SAMPLER_DESCRIPTORS["lcm"] == SAMPLER_DESCRIPTORS["consistency"]
+    others = [z for name, z in SAMPLER_DESCRIPTORS.items() if name != "lcm"]
+    assert len(set(others)) == len(others)
+    assert set(SAMPLER_BASE) <= set(SAMPLER_NAMES) and set(SAMPLER_BASE.values()) <= set(SAMPLER_NAMES)
 
 
 def test_runtime_modules_do_not_import_torch():
@@ -298,11 +329,15 @@ def torch_loop(torch, name, sigmas, x_noise, noises, eta=0.0):
     return x
 
 
-@pytest.mark.parametrize("name,eta", [("ddim", 0.0), ("ddim", 0.7), ("dpmpp-2m", 0.0), ("euler", 0.0)])
+@pytest.mark.parametrize("name,eta", [("ddim", 0.0), ("ddim", 0.7), ("dpmpp-2m", 0.0), ("euler", 0.0),
+                                      ("euler-ancestral", 0.0), ("lcm", 0.0)])
 def test_torch_gradient_wrt_sigmas_matches_finite_differences(name, eta):
     torch = torch_module()
     schedule = NoiseSchedule.from_config(DEMO_CONFIG)
-    sigmas = torch.tensor(karras_sigmas(schedule, 4), dtype=torch.float64, requires_grad=True)
+    # Karras ends at sigma_min, where t_of_sigma is clamped (a kink that finite differences halve); LCM's
+    # boundary condition depends on t, so it is checked on sigmas that stay above sigma_min
+    plan = logsnr_uniform_sigmas(schedule, 4) if name == "lcm" else karras_sigmas(schedule, 4)
+    sigmas = torch.tensor(plan, dtype=torch.float64, requires_grad=True)
     x_noise = torch.from_numpy(rng_noise(10)[:1, :, :4, :4]).double()
     noises = [torch.from_numpy(rng_noise(30 + i)[:1, :, :4, :4]).double() for i in range(4)]
     weights = torch.linspace(-1, 1, x_noise.numel(), dtype=torch.float64).reshape(x_noise.shape)

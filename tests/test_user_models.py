@@ -140,12 +140,13 @@ def _ldm_folder(root: Path, vae: str, unet_config: dict, index: bool) -> Path:
 
 @pytest.mark.parametrize("vae,unet_config,index", [("vqvae", LATENT_UNET, True), ("vae", LATENT_UNET, False),
                                                     ("vae", TINY_UNET, True)])
-def test_ldm_layout_is_refused_before_loading(tmp_path, vae, unet_config, index):
+def test_ldm_layout_without_decoder_weights_is_refused_before_loading(tmp_path, vae, unet_config, index):
+    """The LDM layout now goes to the pipeline exporter (abcd_edge/export/sd_pipeline.py, exported in
+    tests/test_sd_export.py); a vae/ or vqvae/ with a config but no weights is refused in one line."""
     model = _ldm_folder(tmp_path / "ldm", vae, unet_config, index)
     out = tmp_path / "artifact"
     res = CliRunner().invoke(main, ["export", "--model", str(model), "--out", str(out)])
-    _one_line_error(res, f"latent UNet2DModel with a {vae}/", "LDM layout", "VAE decode",
-                    "accepted: pixel-space UNet2DModel")
+    _one_line_error(res, f"{vae}", "has a config.json but no weights")
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["ldm"]
 
 
@@ -356,7 +357,7 @@ def test_python_api_resolves_the_default_sampler(cm_artifact, cm_profile, tiny_a
     with AnytimeRuntime.open(tiny_artifact, profile=tiny_profile, controller="none", threads=1, power="none") as rt:
         plan = rt.plan(parse_budget("10s"))
         assert plan.sampler == "ddim" and len(plan.sigmas) > 8          # a DDPM model keeps its step count
-        with pytest.raises(UserError, match="accepted: ddim, dpmpp-2m, euler, consistency, auto, default"):
+        with pytest.raises(UserError, match="accepted: ddim, dpmpp-2m, euler, consistency, euler-ancestral, lcm, auto, default"):
             rt.plan(parse_budget("10s"), sampler="lms")
 
 

@@ -19,7 +19,7 @@ BASELINES = tuple(m for m in METHODS if m not in ("abcd", "oracle"))
 STATIC_METHODS = ("uniform", "karras", "logsnr", "ays", "stepdrop")
 # Methods whose output does not depend on rho: measured once per (tier, budget, sampler, seed); rho column "all".
 RHO_FREE = ("uniform", "karras", "logsnr", "ays", "oracle")
-BENCH_SAMPLERS = ("ddim", "dpmpp-2m", "euler", "consistency")
+BENCH_SAMPLERS = ("ddim", "dpmpp-2m", "euler", "consistency", "euler-ancestral", "lcm")
 TIER_KINDS = ("real", "busy", "replay")
 ALL_RHO = "all"
 REF_SEED, REF_N = paths.EVAL_REF_SEED, paths.REF_N   # feature-FID reference: generator data (evaluation net's)

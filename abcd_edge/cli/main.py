@@ -67,9 +67,9 @@ def info(as_json: bool) -> None:
                    "steps whose validated feature-FID is within (1 + 0.3 (1 - rho)) of the full plan's.")
 @click.option("--sampler", default="default", show_default=True,
               help="default (the artifact's own: consistency for a consistency model, else ddim), ddim, dpmpp-2m, "
-                   "euler, consistency, or auto (the calibrated sampler with the best validated feature-FID at the "
-                   "steps the budget allows). Over a consistency model any sampler plans at "
-                   "most 8 steps.")
+                   "euler, consistency, euler-ancestral, lcm, or auto (the calibrated sampler with the best "
+                   "validated feature-FID at the steps the budget allows). Over a consistency model any sampler, "
+                   "and lcm over any model, plans at most 8 steps.")
 @click.option("--placement", "--schedule", "placement", default="auto", show_default=True,
               help="Where the steps go: auto (controller when calibrated, else uniform), controller, uniform, "
                    "karras, logsnr.")
@@ -90,9 +90,24 @@ def info(as_json: bool) -> None:
 @click.option("--strict", is_flag=True,
               help=f"Exit {EXIT_DEADLINE_MISSED} when any request missed its deadline (the answer is still "
                    "written); without it a late answer exits 0.")
+@click.option("--prompt", default=None,
+              help="Text-to-image artifacts: the prompt (default \"\"). Longer than the tokenizer's limit (77 tokens "
+                   "for CLIP) it is truncated, with a note in the report.")
+@click.option("--prompt-file", default=None, type=click.Path(),
+              help="Read the prompt from a UTF-8 text file (surrounding whitespace stripped) instead of --prompt.")
+@click.option("--negative-prompt", default=None,
+              help="Text-to-image: the unconditional branch's prompt (default \"\"); unused at --guidance 1 and by "
+                   "LCM models (one branch).")
+@click.option("--guidance", default=None, type=float,
+              help="Text-to-image: classifier-free guidance scale >= 1 (default: the artifact's, 7.5 for SD; an LCM's "
+                   "own w). 1 runs one UNet branch per step.")
+@click.option("--decoder", default=None, type=click.Choice(["vae", "tiny"]),
+              help="Text-to-image: finish with the VAE decoder (default) or the tiny one (AutoencoderTiny), when "
+                   "the artifact has it.")
 @click.pass_context
 def run(ctx, budget, rho, sampler, placement, seed, batch, artifact, profile, controller, backend, threads, power,
-        precision, best_effort, requests, out, report, strict) -> None:
+        precision, best_effort, requests, out, report, strict, prompt, prompt_file, negative_prompt, guidance,
+        decoder) -> None:
     """Generate the best image the device can make before the budget runs out.
 
     \b
@@ -124,10 +139,12 @@ def run(ctx, budget, rho, sampler, placement, seed, batch, artifact, profile, co
     if Path(out).absolute() == Path(report).absolute():
         raise UserError(f"--report {report!r} is the --out image's path; give the report its own file")
     check_precision(precision)
+    text = _text_request(artifact, prompt, prompt_file, negative_prompt, guidance, decoder)
     session = dict(artifact_dir=artifact, profile=profile, controller=controller, backend=backend, threads=threads,
                    power=power, precision=precision)
     res = serve_requests(b, requests=requests, out=Path(out), report=Path(report), session=session, rho=rho,
-                         sampler=sampler, placement=placement, seed=seed, batch=batch, best_effort=best_effort)
+                         sampler=sampler, placement=placement, seed=seed, batch=batch, best_effort=best_effort,
+                         **text)
     if res.line:
         click.echo(res.line)
     if res.interrupted:
@@ -137,6 +154,50 @@ def run(ctx, budget, rho, sampler, placement, seed, batch, artifact, profile, co
         click.echo(f"abcd-edge: {res.missed} of {requests} request(s) missed the budget {b} (--strict: exit "
                    f"{EXIT_DEADLINE_MISSED})", err=True)
         ctx.exit(EXIT_DEADLINE_MISSED)
+
+
+def _text_request(artifact, prompt, prompt_file, negative_prompt, guidance, decoder) -> dict:
+    """`run`'s text-to-image options, checked before any work: the generate() keywords they give (none for a
+    pixel artifact, which refuses them in one line)."""
+    import math
+
+    from abcd_edge.formats.manifest import load_manifest
+
+    given = {k: v for k, v in (("--prompt", prompt), ("--prompt-file", prompt_file),
+                               ("--negative-prompt", negative_prompt), ("--guidance", guidance),
+                               ("--decoder", decoder)) if v is not None}
+    if prompt is not None and prompt_file is not None:
+        raise UserError("give --prompt or --prompt-file, not both")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 1.0):
+        raise UserError(f"--guidance {guidance} must be a number >= 1 (1: no classifier-free guidance)")
+    if not given:
+        return {}
+    manifest = load_manifest(Path(artifact), verify_hashes=False)
+    if manifest.pipeline is None:
+        raise UserError(f"{', '.join(given)}: artifact {str(artifact)!r} is a pixel-space {manifest.model_kind} "
+                        "model, which takes no prompt, guidance or decoder (only text-to-image pipeline artifacts do)")
+    text_given = [k for k in given if k != "--decoder"]
+    if text_given and "text_encoder" not in manifest.pipeline.get("components", {}):
+        raise UserError(f"{', '.join(text_given)}: artifact {str(artifact)!r} is an unconditional latent pipeline "
+                        "(no text encoder), which takes no prompt or guidance")
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise UserError(f"--prompt-file {prompt_file!r} does not exist")
+        try:
+            prompt = path.read_bytes().decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise UserError(f"--prompt-file {prompt_file!r} is not UTF-8 text (byte {exc.start}: "
+                            f"{exc.object[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
+        except OSError as exc:
+            raise UserError(f"--prompt-file {prompt_file!r} cannot be read ({exc.strerror})") from None
+    for flag, text in (("--prompt", prompt), ("--negative-prompt", negative_prompt)):
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError:     # bytes the terminal's encoding could not decode (surrogate escapes)
+            raise UserError(f"{flag} is not valid UTF-8 text; pass UTF-8 (or use --prompt-file)") from None
+    out = dict(prompt=prompt, negative_prompt=negative_prompt, guidance=guidance, decoder=decoder)
+    return {k: v for k, v in out.items() if v is not None}
 
 
 @main.command()
@@ -163,8 +224,14 @@ def export(model, controller_dir, out, resolution, batch, fp16, trt, opset, benc
         batches = int_list(batch, "--batch")
         manifest = export_model(model, Path(out), resolution=resolution, batches=batches, fp16=fp16, trt=trt,
                                 opset=opset, progress=sys.stderr.isatty())   # no bar left before a one-line error
-        click.echo(f"exported {manifest.name} -> {out}: {manifest.flops_per_step / 1e9:.3f} GFLOP/step, "
-                   f"parity max abs {manifest.parity['max_abs']:.2e}")
+        if manifest.pipeline is not None:    # one ONNX per component (abcd_edge/export/sd_pipeline.py)
+            comps = manifest.pipeline["components"]
+            click.echo(f"exported {manifest.name} ({manifest.model_kind} pipeline) -> {out}: " + ", ".join(
+                f"{k} {c['flops'] / 1e9:.3f} GFLOP" for k, c in comps.items())
+                + f" per sample; parity max rel {manifest.parity['max_rel']:.2e}")
+        else:
+            click.echo(f"exported {manifest.name} -> {out}: {manifest.flops_per_step / 1e9:.3f} GFLOP/step, "
+                       f"parity max abs {manifest.parity['max_abs']:.2e}")
     if controller_dir is not None:
         from abcd_edge.calibrate import export_controller_onnx
 
@@ -209,6 +276,14 @@ def profile(artifact, backend, threads, power, precision, batch, runs, out, forc
     prof = measure_profile(Path(artifact), backend=backend, threads=threads, batches=batches,
                            runs=runs, power=power, command=command, precision=precision)
     prof.save(target)
+    if prof.pipeline is not None:
+        for name, c in prof.pipeline.components.items():
+            click.echo(f"{name}: p50 {c.latency.p50_ms:.3f} ms, p99 {c.latency.p99_ms:.3f} ms, cv {c.latency.cv:.3f}, "
+                       f"{'n/a' if c.flops is None else f'{c.flops / 1e9:.3f}'} GFLOP/call, energy/call "
+                       f"{'n/a' if c.energy_mj is None else f'{c.energy_mj:.2f} mJ'}")
+        for name, st in prof.pipeline.finish.items():
+            click.echo(f"finish ({name} + uint8): p50 {st.p50_ms:.3f} ms, p99 {st.p99_ms:.3f} ms")
+        click.echo(f"guidance mode: {prof.pipeline.guidance_mode}")
     for bp in prof.batches:
         click.echo(f"batch {bp.batch}: step p50 {bp.step.p50_ms:.3f} ms, p99 {bp.step.p99_ms:.3f} ms, "
                    f"cv {bp.step.cv:.3f}, {bp.flops_per_s / 1e9:.1f} GFLOP/s, "
@@ -224,8 +299,8 @@ def profile(artifact, backend, threads, power, precision, batch, runs, out, forc
 @click.option("--profile", "profiles", multiple=True, type=click.Path(),
               help="Device profile(s) of this artifact (repeat). Default: the committed profiles for it.")
 @click.option("--samplers", default="default", show_default=True,
-              help="Comma list of ddim, dpmpp-2m, euler, consistency; default: consistency for a consistency "
-                   "model, else ddim,dpmpp-2m,euler.")
+              help="Comma list of ddim, dpmpp-2m, euler, consistency, euler-ancestral, lcm; default: consistency "
+                   "for a consistency model, else ddim,dpmpp-2m,euler.")
 @click.option("--out", default=None, type=click.Path(), help="Default: calibration/<artifact name>")
 @click.option("--iters", default=None, type=int, callback=at_least(1),
               help="Weight-generator fitting iterations (default 1500).")

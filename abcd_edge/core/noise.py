@@ -160,16 +160,23 @@ class NoiseSchedule:
         # sigma_low * ratio**w rather than exp(log-interpolation): exact when w == 0
         return sigmas[low_i] * (sigmas[(low_i + 1).clip(0, last)] / sigmas[low_i]) ** w
 
-    def t_of_sigma(self, sigma: Any) -> Any:
+    def t_of_sigma(self, sigma: Any, interpolation: str = "log") -> Any:
         """Continuous timestep(s) of sigma, the inverse of sigma_of_t, clamped to [0, T-1].
 
-        Linear interpolation of log-sigma over t, as diffusers' EulerDiscreteScheduler._sigma_to_t.
+        Linear interpolation of log-sigma over t, as diffusers' EulerDiscreteScheduler._sigma_to_t;
+        ``interpolation="linear"``: of sigma itself, the inverse of the np.interp by which diffusers' Euler
+        schedulers place sigmas at fractional timesteps. Both are exact at integer timesteps.
         Works on numpy arrays, floats and torch tensors (differentiable in sigma).
         """
         xp = array_namespace(sigma)
         sigma = np.asarray(sigma, dtype=np.float64) if xp is np else sigma
-        log_sigma = xp.log(sigma.clip(1e-10, None))
-        log_sigmas = constant_like(np.log(self.sigmas), log_sigma)
-        low = ((log_sigmas <= log_sigma[..., None]).sum(-1) - 1).clip(0, self.num_train_timesteps - 2)
-        w = ((log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])).clip(0, 1)
+        if interpolation == "log":
+            value, table = xp.log(sigma.clip(1e-10, None)), np.log(self.sigmas)
+        elif interpolation == "linear":
+            value, table = sigma, self.sigmas
+        else:
+            raise ValueError(f"interpolation {interpolation!r} is not one of log, linear")
+        knots = constant_like(table, value)
+        low = ((knots <= value[..., None]).sum(-1) - 1).clip(0, self.num_train_timesteps - 2)
+        w = ((value - knots[low]) / (knots[low + 1] - knots[low])).clip(0, 1)
         return low + w

@@ -65,8 +65,9 @@ def _preload_cuda_libraries(ort) -> None:
             pass
 
 
-class OrtDenoiser:
-    """An ONNX Runtime session over ``denoiser.onnx``; one call at a time per instance."""
+class OrtComponent:
+    """An ONNX Runtime session over one ONNX file (a pipeline's text encoder or VAE decoder, or the base of
+    :class:`OrtDenoiser`); one call at a time per instance, abandonable from another thread."""
 
     def __init__(self, onnx_path: str | Path, backend: str = "ort-cpu", threads: int | None = None,
                  provider_options: dict | None = None):
@@ -102,18 +103,60 @@ class OrtDenoiser:
         self.backend = backend
         self.threads = threads
         self.provider_options = provider_options or {}
+        self.path = onnx_path
         self._inputs = [i.name for i in self.session.get_inputs()]
+        self._outputs = [o.name for o in self.session.get_outputs()]
         self._lock = threading.Lock()
         self._run_options: ort.RunOptions | None = None
         self._ort = ort
 
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray, class_labels: np.ndarray | None = None) -> np.ndarray:
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
+
+    def run(self, feeds: dict[str, np.ndarray], output: str | None = None) -> np.ndarray:
+        """One call: the output named ``output`` (default: the first)."""
+        run_options = self._ort.RunOptions()
+        with self._lock:
+            self._run_options = run_options
+        try:
+            names = None if output is None else [output]
+            return self.session.run(names, feeds, run_options)[0]
+        except Exception as exc:
+            if run_options.terminate:
+                raise Abandoned(f"{self.path.parent.name or 'model'} call abandoned by the deadline guard") from None
+            raise RuntimeError(f"{self.path} call failed: {exc}") from exc
+        finally:
+            with self._lock:
+                self._run_options = None
+
+    def abandon(self) -> None:
+        with self._lock:
+            if self._run_options is not None:
+                self._run_options.terminate = True
+
+
+class OrtDenoiser(OrtComponent):
+    """An ONNX Runtime session over ``denoiser.onnx`` (or a pipeline's ``unet/model.onnx``); one call at a
+    time per instance. Inputs the graph has beyond sample and timestep (``encoder_hidden_states``,
+    ``timestep_cond`` of a pipeline UNet) are passed as keyword arguments."""
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, class_labels: np.ndarray | None = None,
+                 **inputs: np.ndarray) -> np.ndarray:
         feeds = {"sample": np.ascontiguousarray(sample, np.float32),
                  "timestep": np.ascontiguousarray(timestep, np.float32)}
         if "class_labels" in self._inputs:
             if class_labels is None:
                 class_labels = np.zeros(sample.shape[0], np.int64)
             feeds["class_labels"] = np.ascontiguousarray(class_labels, np.int64)
+        for name, value in inputs.items():
+            if name not in self._inputs:
+                raise ValueError(f"the denoiser graph has no input {name!r} (inputs: {', '.join(self._inputs)})")
+            feeds[name] = np.ascontiguousarray(value, np.float32)
         run_options = self._ort.RunOptions()
         with self._lock:
             self._run_options = run_options
@@ -126,11 +169,6 @@ class OrtDenoiser:
         finally:
             with self._lock:
                 self._run_options = None
-
-    def abandon(self) -> None:
-        with self._lock:
-            if self._run_options is not None:
-                self._run_options.terminate = True
 
 
 class TrtDenoiser:
@@ -228,7 +266,7 @@ def open_denoiser(artifact_dir: str | Path, backend: str = "ort-cpu", threads: i
         meta = load_trt_plan_meta(artifact_dir, manifest)
         check_trt_plan(manifest)
         return TrtDenoiser(meta["plan_path"])
-    name = "denoiser.onnx"
+    name = getattr(manifest, "denoiser_file", "denoiser.onnx")
     if precision == "fp16":
         fp16 = manifest.fp16
         if not fp16:

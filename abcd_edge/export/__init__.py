@@ -5,6 +5,9 @@
     flops.py        FLOPs per step counted from the ONNX graph
     tensorrt.py     ONNX -> denoiser.plan (on the target device)
     pipeline.py     export_model: the stages above, written atomically, with the manifest
+    sd_pipeline.py  latent pipeline folders (Stable Diffusion / LCM text-to-image, LDM): one ONNX per component
+    sd_layout.py    which pipeline folder it is, refusals;  sd_components.py  per-component export and checks
+    tokenizer.py    tokenizer/tokenizer.json for the runtime, checked against transformers' CLIPTokenizer
     compare.py      export_bench / format_bench: ORT CPU vs torch eager step latency
 
 Importing this package does not import torch, onnx, onnxruntime or diffusers.

@@ -24,7 +24,9 @@ DEFAULT_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _WEIGHTS = "diffusion_pytorch_model"
 ACCEPTED_MODELS = ("'demo', a local diffusers folder (a UNet2DModel folder with config.json, or a pipeline "
-                   "folder with unet/ + scheduler/), or a Hugging Face id such as google/ddpm-cifar10-32")
+                   "folder with unet/ + scheduler/: pixel UNet2DModel, LDM (+ vae/) or Stable-Diffusion-style "
+                   "text-to-image / LCM (+ vae/, text_encoder/, tokenizer/)), or a Hugging Face id such as "
+                   "google/ddpm-cifar10-32")
 
 
 @dataclass
@@ -86,7 +88,7 @@ def _fetch_hf(repo_id: str) -> Path:
     except ImportError:
         raise UserError(f"{repo_id!r} is not a local folder, and huggingface_hub is not installed to fetch it; "
                         f"accepted: {ACCEPTED_MODELS}") from None
-    kw = dict(allow_patterns=["*.json", "*.safetensors", "*.bin"],
+    kw = dict(allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"],   # .txt: a CLIP tokenizer's merges
               ignore_patterns=["*.fp16.*", "*non_ema*", "*.ckpt", "*.msgpack", "*.h5", "*.onnx*"])
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, **kw))
@@ -140,10 +142,12 @@ def _unreachable(exc: BaseException) -> list[BaseException]:
     return [e for e in _chain(exc) if isinstance(e, tuple(kinds))]
 
 
-def _resolve_folder(model: str) -> tuple[Path, Path | None, str, Path]:
-    """(unet folder, scheduler_config.json or None, source label, model root) for ``model``."""
+def resolve_root(model: str) -> tuple[Path, str]:
+    """(model folder, source label) for ``model``: "demo", a local folder, or a Hugging Face id (fetched)."""
     from abcd_edge.paths import DEMO_MODEL_DIR
 
+    if not isinstance(model, str) or not model.strip():
+        raise UserError(f"--model must be {ACCEPTED_MODELS}")
     if model == "demo":
         if not (DEMO_MODEL_DIR / "unet" / "config.json").is_file():
             raise UserError(f"the demo model is not built yet ({DEMO_MODEL_DIR} has no unet/); train it with "
@@ -159,6 +163,12 @@ def _resolve_folder(model: str) -> tuple[Path, Path | None, str, Path]:
             raise UserError(f"--model {model!r}: no such folder; accepted: {ACCEPTED_MODELS}")
     if not root.is_dir():
         raise UserError(f"--model {model!r} is a file, not a diffusers model folder; accepted: {ACCEPTED_MODELS}")
+    return root, source
+
+
+def _resolve_folder(model: str) -> tuple[Path, Path | None, str, Path]:
+    """(unet folder, scheduler_config.json or None, source label, model root) for ``model``."""
+    root, source = resolve_root(model)
     sched = None
     if (root / "unet" / "config.json").is_file():
         unet_dir = root / "unet"
@@ -179,7 +189,8 @@ def _resolve_folder(model: str) -> tuple[Path, Path | None, str, Path]:
 
 
 PIXEL_CHANNELS = (1, 3)            # what the runtime turns into an image: grey or RGB
-ACCEPTED_SPACE = "accepted: pixel-space UNet2DModel (3 channels, or 1 for greyscale)"
+ACCEPTED_SPACE = ("accepted: pixel-space UNet2DModel (3 channels, or 1 for greyscale), or a latent pipeline folder "
+                  "(unet/ + vae/ + scheduler/ [+ text_encoder/ + tokenizer/]: abcd_edge/export/sd_pipeline.py)")
 
 
 def _refuse_latent(model: str, root: Path, unet_dir: Path, unet_config: dict) -> None:
@@ -198,7 +209,8 @@ def _refuse_latent(model: str, root: Path, unet_dir: Path, unet_config: dict) ->
                         f"latents): latent models need a VAE decode, not supported yet; {ACCEPTED_SPACE}")
     if channels not in PIXEL_CHANNELS:
         raise UserError(f"--model {model!r}: the UNet2DModel's samples have {channels} channels, not an image's "
-                        f"(a latent model? they need a VAE decode, not supported yet); {ACCEPTED_SPACE}")
+                        f"(a latent model? export its pipeline folder, with the vae/ beside unet/ and scheduler/: "
+                        f"the LDM layout); {ACCEPTED_SPACE}")
 
 
 def alphas_cumprod(config: dict) -> list[float] | None:

@@ -132,6 +132,19 @@ def export_model(model: str, out: Path, resolution: int | None = None, batches: 
     bar = StageBar(progress)
     try:
         bar.stage("load")
+        from abcd_edge.export.model import resolve_root
+        from abcd_edge.export.sd_pipeline import export_latent_pipeline, latent_pipeline_kind
+
+        root, source = resolve_root(model)
+        kind = latent_pipeline_kind(root, model)    # SD / LCM / LDM folders; None: the pixel UNet2DModel path
+        if kind is not None:
+            _check_out(out, protect=root)
+            from abcd_edge.export.sd_pipeline import EXTERNAL_DATA_BYTES as PIPE_EXTERNAL
+
+            external_bytes = {None: PIPE_EXTERNAL, True: 0, False: sys.maxsize}[external_data]
+            return export_latent_pipeline(kind, root, source, out, batch_list, opset=opset, bar=bar, name=name,
+                                          threads=threads, resolution=resolution, fp16=fp16, trt=trt,
+                                          external_bytes=external_bytes)
         loaded = load_model(model)
         _check_out(out, protect=loaded.root)
         return export_loaded(loaded, out, resolution, batch_list, fp16=fp16, trt=trt, opset=opset, bar=bar,

@@ -80,6 +80,7 @@ def make_bundle(artifact_dir: str | Path, out: str | Path, profiles: Iterable[st
         raise UserError(f"--out {str(out)!r} is the artifact itself; name a new folder")
     with atomic_dir(out) as tmp:
         for name in (MANIFEST_NAME, *manifest.files):
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)     # a pipeline's "<component>/<file>"
             shutil.copy2(artifact_dir / name, tmp / name)
         (tmp / PROFILES).mkdir()       # even empty: `abcd-edge profile --bundle` on the device writes here
         for p in profiles:

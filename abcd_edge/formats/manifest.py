@@ -17,6 +17,9 @@ Conventions recorded in every manifest:
 - ``files``: sha256 of every portable artifact file (the ONNX models and their
   external data). The TensorRT plan is device-specific and git-ignored, so its
   hash lives in ``trt["plan_sha256"]`` and is checked when the plan is present.
+  A pipeline artifact (``pipeline`` set: a latent UNet + VAE decoder [+ text encoder
+  and tokenizer], docs/sd-pipeline-spec.md) names its files ``<component>/<file>``
+  (one folder level, the component one of :data:`PIPELINE_COMPONENTS`).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from abcd_edge.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-MODEL_KINDS = ("unconditional", "class-conditional", "consistency")
+MODEL_KINDS = ("unconditional", "class-conditional", "consistency", "text-to-image")
 # diffusers names; "consistency" = a consistency-model UNet output F (see TIMESTEP_CONVENTIONS)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "consistency")
 TIMESTEP_CONVENTIONS = {
@@ -47,6 +50,12 @@ TIMESTEP_CONVENTIONS = {
 FLOPS_CONVENTION = ("per sample (batch 1); FLOPs = 2 x MACs over Conv, ConvTranspose, MatMul, Gemm "
                     "(attention = its MatMuls); bias, norms, activations not counted")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# a pipeline artifact's component folders (files keys "<component>/<file>") and the file its UNet steps
+PIPELINE_COMPONENTS = ("unet", "text_encoder", "vae_decoder", "vae_decoder_tiny", "tokenizer")
+PIXEL_DENOISER_FILE = "denoiser.onnx"
+PIPELINE_DENOISER_FILE = "unet/model.onnx"
+# measured numbers in pipeline["components"][name]: left out of the content hash (see content_hash)
+PIPELINE_MEASURED = ("parity", "flops", "flops_torch", "flops_rel_diff", "flops_by_op")
 
 
 @dataclass
@@ -95,6 +104,9 @@ class Manifest:
     diffusers_version: str
     flops_convention: str = FLOPS_CONVENTION
     notes: list[str] = field(default_factory=list)
+    # a latent pipeline (text-to-image SD/LCM, or an LDM without text): its components, tokenizer, text,
+    # latent, image, guidance and decoders (docs/sd-pipeline-spec.md); None for a pixel denoiser artifact
+    pipeline: Optional[dict] = None
 
     # ----------------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
@@ -156,13 +168,16 @@ class Manifest:
             bad("opset", f"must be >= 17, got {self.opset}")
         if not _HEX64.match(self.source_hash):
             bad("source_hash", "must be a sha256 hex digest")
-        if "denoiser.onnx" not in self.files:
-            bad("files", "must list denoiser.onnx")
+        if self.model_kind == "text-to-image" and self.pipeline is None:
+            bad("pipeline", "must be set for a text-to-image model")
+        if self.denoiser_file not in self.files:
+            bad("files", f"must list {self.denoiser_file}")
         for fname, digest in self.files.items():
             if not isinstance(digest, str) or not _HEX64.match(digest):
                 bad("files", f"entry {fname!r} must be a sha256 hex digest")
-            if Path(fname).name != fname:
-                bad("files", f"entry {fname!r} must be a plain file name inside the artifact")
+            _check_file_key(fname, self.pipeline is not None, bad)
+        if self.pipeline is not None:
+            _validate_pipeline(self, bad)
         if self.flops_per_step <= 0:
             bad("flops_per_step", f"must be > 0, got {self.flops_per_step}")
         sc = self.scheduler_config
@@ -194,8 +209,129 @@ class Manifest:
         return [i["name"] for i in self.inputs]
 
     @property
+    def denoiser_file(self) -> str:
+        """The ONNX file the sampler steps: ``denoiser.onnx``, or ``unet/model.onnx`` for a pipeline artifact."""
+        return PIPELINE_DENOISER_FILE if self.pipeline is not None else PIXEL_DENOISER_FILE
+
+    @property
+    def is_pipeline(self) -> bool:
+        return self.pipeline is not None
+
+    def component_file(self, name: str) -> str:
+        """The artifact-relative file of pipeline component ``name`` (UserError naming what there is)."""
+        comps = (self.pipeline or {}).get("components", {})
+        if name not in comps:
+            have = ", ".join(comps) or "none (a pixel denoiser artifact)"
+            raise UserError(f"the artifact has no {name!r} component; it has: {have}")
+        return comps[name]["file"]
+
+    @property
     def fp16_usable(self) -> bool:
         return bool(self.fp16 and self.fp16.get("usable"))
+
+
+def _check_file_key(fname: str, pipeline: bool, bad) -> None:
+    """A files key is a plain name, or (pipeline artifacts) "<component>/<file>" one folder down."""
+    parts = fname.split("/")
+    plain = len(parts) == 1 and Path(fname).name == fname and fname not in ("", ".", "..") and "\\" not in fname
+    nested = (pipeline and len(parts) == 2 and parts[0] in PIPELINE_COMPONENTS and parts[1] not in ("", ".", "..")
+              and Path(parts[1]).name == parts[1] and "\\" not in parts[1])
+    if not (plain or nested):
+        bad("files", f"entry {fname!r} must be a plain file name inside the artifact"
+            + (f" or <component>/<file> with the component one of {', '.join(PIPELINE_COMPONENTS)}"
+               if pipeline else ""))
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_pipeline(m: "Manifest", bad) -> None:
+    """The ``pipeline`` record (docs/sd-pipeline-spec.md): components with files listed in ``files``, the
+    latent / image / guidance conventions, and for text-to-image the tokenizer and text encoder."""
+    p = m.pipeline
+    if not isinstance(p, dict):
+        bad("pipeline", "must be an object or null")
+    comps = p.get("components")
+    if not isinstance(comps, dict) or not comps:
+        bad("pipeline", "needs a non-empty object 'components'")
+    for name, c in comps.items():
+        if name not in PIPELINE_COMPONENTS or name == "tokenizer":
+            bad("pipeline", f"component {name!r} is unknown; accepted: unet, text_encoder, vae_decoder, "
+                "vae_decoder_tiny")
+        if not isinstance(c, dict):
+            bad("pipeline", f"component {name!r} must be an object")
+        f = c.get("file")
+        if not isinstance(f, str) or f not in m.files:
+            bad("pipeline", f"component {name!r} file {f!r} is not listed in files")
+        if not f.startswith(name + "/"):
+            bad("pipeline", f"component {name!r} file {f!r} must be in the {name}/ folder")
+        for key in ("inputs", "outputs"):
+            io = c.get(key)
+            if not isinstance(io, list) or not io or not all(
+                    isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("dtype"), str)
+                    and isinstance(i.get("shape"), list) for i in io):
+                bad("pipeline", f"component {name!r} needs a non-empty list {key!r} of {{name, dtype, shape}}")
+        if not _is_int(c.get("flops")) or c["flops"] <= 0:
+            bad("pipeline", f"component {name!r} needs an integer 'flops' > 0 (per sample)")
+        if not _is_int(c.get("params")) or c["params"] < 0:
+            bad("pipeline", f"component {name!r} needs an integer 'params'")
+        par = c.get("parity")
+        if not isinstance(par, dict) or not all(_is_num(par.get(k)) for k in ("max_abs", "max_rel", "tol")) \
+                or not isinstance(par.get("passed"), bool):
+            bad("pipeline", f"component {name!r} needs 'parity' with numbers max_abs, max_rel, tol and a bool passed")
+    for name in ("unet", "vae_decoder"):
+        if name not in comps:
+            bad("pipeline", f"must list the component {name!r}")
+    if comps["unet"]["file"] != PIPELINE_DENOISER_FILE:
+        bad("pipeline", f"component 'unet' file must be {PIPELINE_DENOISER_FILE}")
+    lat = p.get("latent")
+    if not isinstance(lat, dict) or not all(_is_int(lat.get(k)) and lat[k] >= 1
+                                            for k in ("channels", "size", "vae_scale_factor")) \
+            or not _is_num(lat.get("scaling_factor")) or lat["scaling_factor"] <= 0:
+        bad("pipeline", "needs 'latent' {channels, size, vae_scale_factor: int >= 1, scaling_factor: number > 0}")
+    if lat["channels"] != m.channels or lat["size"] != m.resolution:
+        bad("pipeline", f"latent {lat['channels']} x {lat['size']} does not match channels {m.channels} / "
+            f"resolution {m.resolution}")
+    img = p.get("image")
+    if not isinstance(img, dict) or not _is_int(img.get("resolution")) or img["resolution"] < 1 \
+            or img.get("channels") not in (1, 3):
+        bad("pipeline", "needs 'image' {resolution: int >= 1, channels: 1 or 3}")
+    g = p.get("guidance")
+    if not isinstance(g, dict) or not _is_num(g.get("default_scale")) or not (
+            g.get("time_cond_proj_dim") is None or (_is_int(g["time_cond_proj_dim"]) and g["time_cond_proj_dim"] > 0)):
+        bad("pipeline", "needs 'guidance' {time_cond_proj_dim: int > 0 or null, default_scale: number}")
+    dec = p.get("decoders")
+    if not isinstance(dec, list) or not dec or dec[0] != "vae_decoder" or not all(d in comps for d in dec) \
+            or not all(d in ("vae_decoder", "vae_decoder_tiny") for d in dec):
+        bad("pipeline", "needs 'decoders': ['vae_decoder'] or ['vae_decoder', 'vae_decoder_tiny'], each a component")
+    tok, text = p.get("tokenizer"), p.get("text")
+    if m.model_kind == "text-to-image" or tok is not None or text is not None or "text_encoder" in comps:
+        if "text_encoder" not in comps:
+            bad("pipeline", "must list the component 'text_encoder' (text-to-image)")
+        if not isinstance(tok, dict) or not isinstance(tok.get("file"), str) or tok["file"] not in m.files \
+                or not tok["file"].startswith("tokenizer/"):
+            bad("pipeline", "needs 'tokenizer' with a 'file' tokenizer/... listed in files")
+        for key in ("model_max_length", "pad_token_id", "bos_token_id", "eos_token_id"):
+            if not _is_int(tok.get(key)) or tok[key] < 0:
+                bad("pipeline", f"tokenizer needs an integer {key!r}")
+        if not isinstance(text, dict) or not all(_is_int(text.get(k)) and text[k] >= 1
+                                                  for k in ("hidden_size", "max_length")):
+            bad("pipeline", "needs 'text' {hidden_size, max_length: int >= 1}")
+        if m.model_kind != "text-to-image":
+            bad("model_kind", f"is {m.model_kind!r} but the pipeline has a text encoder: must be 'text-to-image'")
+
+
+def _pipeline_content(pipeline: dict) -> dict:
+    """``pipeline`` without what was measured about it (parity, FLOPs): what the artifact computes."""
+    out = dict(pipeline)
+    out["components"] = {name: {k: v for k, v in comp.items() if k not in PIPELINE_MEASURED}
+                         for name, comp in pipeline.get("components", {}).items()}
+    return out
 
 
 # ---------------------------------------------------------------------------------- files
@@ -219,9 +355,15 @@ CONTENT_FIELDS = ("model_kind", "num_class_embeds", "prediction_type", "timestep
 
 
 def content_hash(manifest: Manifest) -> str:
-    """sha256 of the canonical JSON of the manifest's CONTENT_FIELDS (the content address of the artifact)."""
+    """sha256 of the canonical JSON of the manifest's CONTENT_FIELDS (the content address of the artifact).
+
+    A pipeline artifact adds "pipeline" (less its measured parity and FLOPs); a pixel artifact's hash is
+    what it was before pipelines existed, so committed profiles and controllers keep matching."""
     content = {"content_fields": list(CONTENT_FIELDS),
                **{name: getattr(manifest, name) for name in CONTENT_FIELDS}}
+    if manifest.pipeline is not None:
+        content["content_fields"].append("pipeline")
+        content["pipeline"] = _pipeline_content(manifest.pipeline)
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -244,10 +386,13 @@ def load_manifest(artifact_dir: str | os.PathLike, verify_hashes: bool = True) -
         raise UserError(f"no {MANIFEST_NAME} in {str(artifact_dir)!r}: not an abcd-edge artifact "
                         "(make one with `abcd-edge export`)")
     m = Manifest.from_json(path.read_bytes(), where=str(path))
-    for fname in m.files:   # names are plain (the schema checks); a link could still lead out of the folder
-        if (artifact_dir / fname).is_symlink():
-            raise UserError(f"artifact file {str(artifact_dir / fname)!r} is a symbolic link: artifact files must "
-                            "be plain files inside the artifact folder")
+    for fname in m.files:   # names are checked by the schema; a link could still lead out of the folder
+        parts = Path(fname).parts
+        for k in range(1, len(parts) + 1):
+            f = artifact_dir.joinpath(*parts[:k])
+            if f.is_symlink():
+                raise UserError(f"artifact file {str(f)!r} is a symbolic link: artifact files must be plain files "
+                                "inside the artifact folder")
     if verify_hashes:
         for fname, digest in m.files.items():
             f = artifact_dir / fname

@@ -68,6 +68,34 @@ class PowerInfo:
 
 
 @dataclass
+class ComponentProfile:
+    """One pipeline component's call on this device (a text encoding, a UNet call, a decode)."""
+
+    latency: LatencyStats
+    flops: float | None = None        # per call (the manifest's per-sample FLOPs x the call's samples)
+    energy_mj: float | None = None    # per call, where a power meter reads
+    power_w: float | None = None
+
+
+@dataclass
+class PipelineProfile:
+    """A latent pipeline artifact's components (docs/sd-pipeline-spec.md). ``components`` holds
+    ``text_encoder`` (one text: tokenize + encode), ``unet_b1`` (one branch), ``unet_b2`` (both guidance
+    branches in one batch-2 call) and ``unet_split`` (two batch-1 calls) -- the last two without an LCM's
+    guidance embedding only -- ``vae_decoder`` and ``vae_decoder_tiny`` (when the artifact has it).
+    ``finish`` is per decoder: the decode of the x0 latent + the uint8 conversion, what the hard rule and
+    the guard reserve. The runtime steps guidance with ``guidance_mode``, the faster of batch2 and split
+    ("none": an LCM UNet, one branch always). The profile's ``batches`` hold the step at
+    ``default_guidance`` and the vae_decoder's finish, so pixel-artifact readers see a complete profile."""
+
+    components: dict[str, ComponentProfile]
+    finish: dict[str, LatencyStats]
+    guidance_mode: str
+    default_guidance: float
+    lcm: bool = False
+
+
+@dataclass
 class DeviceProfile:
     schema_version: int
     device_id: str
@@ -84,6 +112,7 @@ class DeviceProfile:
     warnings: list[str]
     command: str
     created_utc: str
+    pipeline: PipelineProfile | None = None   # a latent pipeline artifact's components; None for pixel artifacts
 
     def for_batch(self, batch: int) -> BatchProfile:
         for b in self.batches:

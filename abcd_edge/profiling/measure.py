@@ -1,5 +1,10 @@
 """Measuring a device profile: the denoiser's step latency distribution per batch, the samplers'
 own arithmetic, finishing, PNG encoding, one controller decision, and power where a meter reads.
+
+A latent pipeline artifact (docs/sd-pipeline-spec.md) is measured per component: the text encoding of
+one prompt, the UNet at batch 1 (one branch) and, for classifier-free guidance, at batch 2 and as two
+batch-1 calls (the faster is the profile's guidance mode), each decoder, and finishing (decode + uint8)
+per decoder; FLOPs per call from the manifest, energy per call where a meter reads.
 """
 from __future__ import annotations
 
@@ -13,8 +18,8 @@ from typing import Any, Callable
 import numpy as np
 
 from abcd_edge.errors import UserError
-from abcd_edge.formats.profile import (CV_WARNING, SCHEMA_VERSION, BatchProfile, DeviceProfile, LatencyStats,
-                                       PowerInfo)
+from abcd_edge.formats.profile import (CV_WARNING, SCHEMA_VERSION, BatchProfile, ComponentProfile, DeviceProfile,
+                                       LatencyStats, PipelineProfile, PowerInfo)
 
 
 def check_profile_target(target: str | Path, artifact_dir: str | Path, device: str, batches: tuple[int, ...],
@@ -67,9 +72,7 @@ def measure_profile(artifact_dir: str | Path, backend: str = "ort-cpu", threads:
     from abcd_edge.formats.controller import Controller, cost_features
     from abcd_edge.core.images import png_bytes, to_uint8
     from abcd_edge.formats.manifest import load_manifest, manifest_hash
-    from abcd_edge.core.samplers import SAMPLER_NAMES, make_sampler
     from abcd_edge.core.noise import NoiseSchedule
-    from abcd_edge.core.placement import time_uniform_sigmas
 
     if runs < 1:
         raise UserError(f"--runs {runs} must be at least 1 (>= 200 recommended for stable tails)")
@@ -81,6 +84,9 @@ def measure_profile(artifact_dir: str | Path, backend: str = "ort-cpu", threads:
         if not manifest.batch_min <= b <= manifest.batch_max:
             raise UserError(f"--batch {b} is outside the artifact's batch range "
                             f"{manifest.batch_min}..{manifest.batch_max}")
+    if manifest.pipeline is not None and tuple(batches) != (1,):
+        raise UserError(f"--batch {','.join(map(str, batches))}: a pipeline artifact is profiled at batch 1 (one "
+                        "image per request; its UNet is measured at batch 1 and 2 for guidance)")
     denoiser = open_denoiser(artifact_dir, backend=backend, threads=threads, precision=precision)
     meter = telemetry.open_meter(power)
     info = hardware.machine_info()
@@ -100,6 +106,13 @@ def measure_profile(artifact_dir: str | Path, backend: str = "ort-cpu", threads:
 
     results = []
     warnings: list[str] = []
+    pipeline_profile = None
+    if manifest.pipeline is not None:
+        bp, pipeline_profile = _measure_pipeline(artifact_dir, manifest, denoiser, meter, schedule, rng, runs, warmup,
+                                                 backend, threads, warnings)
+        results.append(bp)
+        bar.update(4)
+        batches = ()
     for b in batches:
         x = rng.standard_normal((b, *shape)).astype(np.float32)
         ts = [np.full(b, t, np.float32) for t in np.linspace(999, 1, 17)]
@@ -119,19 +132,7 @@ def measure_profile(artifact_dir: str | Path, backend: str = "ort-cpu", threads:
         warnings.extend(w for w in reading.warnings if w not in warnings)   # a meter's note once, not per batch
 
         eps = rng.standard_normal((b, *shape)).astype(np.float32)
-        sigmas = time_uniform_sigmas(schedule, min(20, schedule.num_train_timesteps))
-        sampler_ms = {}
-        for name in SAMPLER_NAMES:
-            sampler = make_sampler(name, schedule, sigmas, manifest.prediction_type)
-            state = sampler.prepare(x)
-            noise = rng.standard_normal(x.shape).astype(np.float32)
-            i_iter = iter(range(10**9))
-
-            def one_step():
-                i = next(i_iter) % (len(sampler) - 1)
-                sampler.model_input(state, i)
-                sampler.step(state, i, eps, noise=noise)
-            sampler_ms[name] = LatencyStats.from_samples(_time_calls(one_step, max(runs, 50), 5))
+        sampler_ms = _sampler_stats(manifest, schedule, x, eps, rng, runs)
         bar.update(1)
         finish = LatencyStats.from_samples(_time_calls(lambda: to_uint8(eps), max(runs, 50), 5))
         img = to_uint8(eps)
@@ -163,5 +164,103 @@ def measure_profile(artifact_dir: str | Path, backend: str = "ort-cpu", threads:
         power=PowerInfo(meter=meter.name, interval_s=getattr(meter, "interval_s", None), idle_w=idle_w,
                         warnings=[w for w in warnings if "cv" not in w]),
         warnings=warnings, command=command,
-        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), pipeline=pipeline_profile,
     )
+
+
+def _sampler_stats(manifest, schedule, x: np.ndarray, eps: np.ndarray, rng: np.random.Generator,
+                   runs: int) -> dict[str, LatencyStats]:
+    """Each sampler's own arithmetic per step (model_input + step) on samples shaped like ``x``."""
+    from abcd_edge.core.placement import time_uniform_sigmas
+    from abcd_edge.core.samplers import SAMPLER_NAMES, make_sampler
+
+    sigmas = time_uniform_sigmas(schedule, min(20, schedule.num_train_timesteps))
+    sampler_ms = {}
+    for name in SAMPLER_NAMES:
+        sampler = make_sampler(name, schedule, sigmas, manifest.prediction_type)
+        state = sampler.prepare(x)
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        i_iter = iter(range(10**9))
+
+        def one_step():
+            i = next(i_iter) % (len(sampler) - 1)
+            sampler.model_input(state, i)
+            sampler.step(state, i, eps, noise=noise)
+        sampler_ms[name] = LatencyStats.from_samples(_time_calls(one_step, max(runs, 50), 5))
+    return sampler_ms
+
+
+COMPONENT_MAX_RUNS = 100    # text encodings and decodes timed per component (a real VAE decode takes seconds)
+
+
+def _measure_pipeline(artifact_dir: Path, manifest, unet, meter, schedule, rng: np.random.Generator, runs: int,
+                      warmup: int, backend: str, threads: int | None,
+                      warnings: list[str]) -> tuple[BatchProfile, PipelineProfile]:
+    """A pipeline artifact's components (see the module docstring): the batch-1 profile the planner reads
+    (step at the default guidance, finishing = the VAE decode) and the per-component record."""
+    from abcd_edge.core.images import png_bytes, to_uint8
+    from abcd_edge.device.pipeline import open_pipeline
+
+    pl = open_pipeline(artifact_dir, manifest, unet, backend=backend, threads=threads)
+    spec = manifest.pipeline["components"]
+    shape = (1, manifest.channels, manifest.resolution, manifest.resolution)
+    x = rng.standard_normal(shape).astype(np.float32)
+    ts = [np.full(1, t, np.float32) for t in np.linspace(schedule.num_train_timesteps - 1, 1, 17)]
+    comp_runs, comp_warmup = max(1, min(runs, COMPONENT_MAX_RUNS)), max(1, min(warmup, 10))
+
+    def measure(fn, n, w, flops) -> ComponentProfile:
+        meter.start()
+        samples = _time_calls(fn, n, w)
+        reading = meter.stop()
+        for note in reading.warnings:
+            if note not in warnings:
+                warnings.append(note)
+        energy = reading.energy_mj / (n + w) if reading.energy_mj is not None and reading.duration_s > 0 else None
+        return ComponentProfile(latency=LatencyStats.from_samples(samples), flops=flops, energy_mj=energy,
+                                power_w=reading.avg_w if energy is not None else None)
+
+    components: dict[str, ComponentProfile] = {}
+    cond = uncond = None
+    if pl.text:
+        prompt = "a photograph of an astronaut riding a horse on the moon"
+        model = pl.encoder.model
+        components["text_encoder"] = measure(
+            lambda: model.run({model.input_names[0]: pl.encoder.tokenize(prompt).ids}), comp_runs, comp_warmup,
+            float(spec["text_encoder"]["flops"]))
+        cond, uncond = pl.encoder.embed(prompt)[0], pl.encoder.embed("")[0]
+    unet_flops = float(spec["unet"]["flops"])
+    modes = [("unet_b1", "single", 1)]
+    if pl.text and not pl.lcm:
+        modes += [("unet_b2", "batch2", 2), ("unet_split", "split", 2)]
+    for name, mode, branches in modes:
+        den = pl.denoiser(cond, uncond, pl.default_guidance if branches == 2 else 1.0, mode)
+        k = iter(range(10**9))
+        components[name] = measure(lambda: den(x, ts[next(k) % len(ts)]), runs, warmup, unet_flops * branches)
+    guidance_mode = "none"
+    if "unet_b2" in components:
+        b2, split = components["unet_b2"].latency.p50_ms, components["unet_split"].latency.p50_ms
+        guidance_mode = "batch2" if b2 <= split else "split"
+    finish: dict[str, LatencyStats] = {}
+    image = None
+    for name, model in pl.decoders.items():
+        components[name] = measure(lambda: model.run({model.input_names[0]: x}), comp_runs, comp_warmup,
+                                   float(spec[name]["flops"]))
+        finish[name] = LatencyStats.from_samples(_time_calls(
+            lambda: to_uint8(model.run({model.input_names[0]: x})), comp_runs, 2))
+        if image is None:
+            image = to_uint8(model.run({model.input_names[0]: x}))
+    for name, c in components.items():
+        if c.latency.cv > CV_WARNING:
+            warnings.append(f"{name}: latency cv {c.latency.cv:.2f} > {CV_WARNING:.2f}; pin clocks "
+                            "(jetson_clocks / performance governor) or use fewer threads for stable deadlines")
+    branches = pl.branches(pl.default_guidance) if pl.text else 1
+    step = components["unet_b1" if branches == 1 else {"batch2": "unet_b2", "split": "unet_split"}[guidance_mode]]
+    eps = rng.standard_normal(shape).astype(np.float32)
+    bp = BatchProfile(batch=1, step=step.latency, flops_per_step=unet_flops * branches,
+                      flops_per_s=unet_flops * branches / (step.latency.p50_ms / 1e3),
+                      sampler_ms=_sampler_stats(manifest, schedule, x, eps, rng, runs),
+                      finish=finish["vae_decoder"],
+                      png=LatencyStats.from_samples(_time_calls(lambda: png_bytes(image[0]), 50, 2)),
+                      step_power_w=step.power_w, energy_per_step_mj=step.energy_mj)
+    return bp, PipelineProfile(components=components, finish=finish, guidance_mode=guidance_mode,
+                               default_guidance=pl.default_guidance, lcm=pl.lcm)

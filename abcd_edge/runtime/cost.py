@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from abcd_edge.core.samplers import SAMPLER_BASE
 from abcd_edge.formats.profile import BatchProfile
 
 EWMA_ALPHA = 0.3
@@ -50,10 +51,12 @@ class CostModel:
                      observed_tail_ratio: float = 0.0) -> "CostModel":
         """From one batch of a profile; ``tails`` (step, finishing) replace the profile's p99s when given."""
         step_tail, finish_tail = tails if tails is not None else (bp.step.p99_ms, bp.finish.p99_ms)
+        # a profile older than a sampler times it as its base (samplers.SAMPLER_BASE: lcm -> consistency, ...)
+        own = bp.sampler_ms.get(sampler) or bp.sampler_ms[SAMPLER_BASE.get(sampler, sampler)]
         return cls(step_p50_ms=bp.step.p50_ms, step_tail_ms=step_tail, finish_tail_ms=finish_tail,
-                   sampler_tail_ms=bp.sampler_ms[sampler].p99_ms, decision_tail_ms=decision_tail_ms,
+                   sampler_tail_ms=own.p99_ms, decision_tail_ms=decision_tail_ms,
                    step_mean_ms=bp.step.mean_ms, step_std_ms=bp.step.cv * bp.step.mean_ms,
-                   finish_p50_ms=bp.finish.p50_ms, sampler_p50_ms=bp.sampler_ms[sampler].p50_ms,
+                   finish_p50_ms=bp.finish.p50_ms, sampler_p50_ms=own.p50_ms,
                    correction=correction, observed_tail_ratio=observed_tail_ratio)
 
     @property

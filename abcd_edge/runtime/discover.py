@@ -28,6 +28,7 @@ class SessionParts:
     controller_dir: Path | None
     meter: object
     notes: list[str] = field(default_factory=list)
+    pipeline: object | None = None     # a latent pipeline artifact's prompt encoder + decoders (conditioning.py)
 
 
 def profiles_for(manifest_hash: str, device: str | None = None, search: list[Path] | None = None) -> list[Path]:
@@ -103,7 +104,8 @@ def discover(artifact_dir: str | Path | None, profile: str | Path | None = None,
              controller: str | Path | None = "auto", backend: str = "ort-cpu", threads: int | None = None,
              power: str = "auto", simulated: bool = False, quick_profile_runs: int = 60,
              denoiser=None, precision: str = "fp32") -> SessionParts:
-    """Load the artifact, open its denoiser (unless one is given), find its profile, controller and meter."""
+    """Load the artifact, open its denoiser (unless one is given; a pipeline artifact: its UNet, with its prompt
+    encoder and decoders), find its profile, controller and meter."""
     from abcd_edge.device import hardware, telemetry
     from abcd_edge.device.backends import open_denoiser
     from abcd_edge.formats.manifest import load_manifest, manifest_hash
@@ -117,6 +119,11 @@ def discover(artifact_dir: str | Path | None, profile: str | Path | None = None,
     mhash = manifest_hash(artifact_dir)
     if denoiser is None:
         denoiser = open_denoiser(artifact_dir, backend=backend, threads=threads, precision=precision)
+    pipeline = None
+    if getattr(manifest, "pipeline", None) is not None:
+        from abcd_edge.device.pipeline import open_pipeline
+
+        pipeline = open_pipeline(artifact_dir, manifest, denoiser, backend=backend, threads=threads)
     device = hardware.device_id(backend, threads, precision=precision)
     profile_path = Path(profile) if profile is not None else find_or_measure_profile(
         artifact_dir, mhash, device, backend, threads, power, quick_profile_runs, precision)
@@ -127,8 +134,10 @@ def discover(artifact_dir: str | Path | None, profile: str | Path | None = None,
                         "(profile this machine, or replay it on a simulated clock with `abcd-edge bench`)")
     notes: list[str] = []
     ctl, ctl_dir = load_controller(controller, manifest.name, mhash, notes, artifact_dir)
+    if pipeline is not None:    # a pipeline's rule-based plan steps its scheduler's own timesteps (session.plan)
+        notes = [n.replace("uniform schedule", "the diffusers scheduler's own timesteps") for n in notes]
     meter = telemetry.open_meter(power if power != "auto" else prof.power.meter
                                  if prof.power.meter != "none" else "auto")
     return SessionParts(artifact_dir=artifact_dir, manifest=manifest, manifest_hash=mhash, denoiser=denoiser,
                         profile=prof, profile_path=profile_path, controller=ctl, controller_dir=ctl_dir, meter=meter,
-                        notes=notes)
+                        notes=notes, pipeline=pipeline)

@@ -17,13 +17,14 @@ import numpy as np
 
 from abcd_edge.core.budget import Budget, context_vector
 from abcd_edge.core.noise import NoiseSchedule
-from abcd_edge.core.placement import STATIC_PLACEMENTS, Placement, density_placement, static_placement
+from abcd_edge.core.placement import (DIFFUSERS_PLACEMENT, STATIC_PLACEMENTS, Placement, TimestepPlacement,
+                                      density_placement, static_placement)
 from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS, SAMPLER_NAMES, max_steps, natural_sampler
 from abcd_edge.errors import UserError
 from abcd_edge.formats.profile import BatchProfile
 from abcd_edge.runtime.cost import CostModel
 
-PLACEMENTS = ("auto", "controller", *STATIC_PLACEMENTS)
+PLACEMENTS = ("auto", "controller", *STATIC_PLACEMENTS, DIFFUSERS_PLACEMENT)   # diffusers: its scheduler's timesteps
 RULE_MAX_STEPS = 200       # the rule-based plan never goes past the teacher's step count
 
 
@@ -45,6 +46,7 @@ class RequestPlan:
     sigmas: np.ndarray
     positions: np.ndarray           # mass position u of each planned step
     fit_steps: int = 0              # the steps that fit the budget, before rho's exit rule
+    reserved_ms: float = 0.0        # taken off the limit before fitting steps (a pipeline's prompt encoding)
 
     @property
     def below_minimum(self) -> bool:
@@ -95,7 +97,7 @@ def budget_in_ms(budget: Budget, bp: BatchProfile, profile_name: str, meter: str
 
 
 def choose_placement(kind: str, schedule: NoiseSchedule, controller, context: list[float] | None,
-                     sampler: str, n: int) -> Placement:
+                     sampler: str, n: int, scheduler_config: dict | None = None) -> Placement:
     """The step placement for n steps: with "auto", what the controller's gate validated for (sampler, n)
     (its generator, or the best static rule; uniform without a controller or a gate for the sampler);
     "controller" forces the generator; a static kind is that fixed rule."""
@@ -103,6 +105,8 @@ def choose_placement(kind: str, schedule: NoiseSchedule, controller, context: li
         gate = controller.gate if controller is not None else None
         validated = gate.placement(sampler, n) if gate is not None else None
         kind = "controller" if validated == "learned" else (validated or "uniform")
+    if kind == DIFFUSERS_PLACEMENT:
+        return TimestepPlacement(schedule, scheduler_config or {}, sampler)
     if kind != "controller":
         return static_placement(kind, schedule)
     if controller is None:
@@ -115,20 +119,24 @@ def choose_placement(kind: str, schedule: NoiseSchedule, controller, context: li
 def plan_request(budget: Budget, limit: float, *, rho: float, sampler: str, batch: int, seed: int,
                  best_effort: bool, placement: str, bp: BatchProfile, cost: CostModel, minimum_ms: float,
                  schedule: NoiseSchedule, controller, use_exit_rule: bool = True,
-                 prediction_type: str = "epsilon") -> RequestPlan:
+                 prediction_type: str = "epsilon", reserved_ms: float = 0.0,
+                 scheduler_config: dict | None = None) -> RequestPlan:
     """Plan a request (its arguments already passed :func:`check_request`, ``limit`` is the budget in ms):
     the most steps whose *sum* fits the limit, fewer where rho < 1 asks for less (the controller's
     validated exit rule), placed as the controller's gate says or by a rule. The steps are capped at
     RULE_MAX_STEPS (rule-based) or the train timesteps (controller), and at what the sampler and model can
-    use (``core.samplers.max_steps``: 8 over a consistency model, whatever the sampler)."""
+    use (``core.samplers.max_steps``: 8 over a consistency model, whatever the sampler). ``reserved_ms`` (a
+    pipeline's prompt encoding at its tail, which runs inside the request clock) is taken off the limit
+    before the steps are fitted; the hard rule and the guard still work on the whole limit, since the clock
+    counts the encoding. ``scheduler_config`` is what the "diffusers" placement reads."""
     context = context_vector(limit, bp.flops_per_s, rho) if controller is not None else None
     cap = RULE_MAX_STEPS if controller is None else schedule.num_train_timesteps
     cap = min(cap, max_steps(sampler, prediction_type) or cap)
-    fit = max(cost.steps_that_fit(limit, level="sum", cap=cap), 1)
+    fit = max(cost.steps_that_fit(limit - reserved_ms, level="sum", cap=cap), 1)
     gate = controller.gate if controller is not None else None
     n = gate.exit_steps(sampler, fit, rho) if gate is not None and use_exit_rule else fit
-    place = choose_placement(placement, schedule, controller, context, sampler, n)
+    place = choose_placement(placement, schedule, controller, context, sampler, n, scheduler_config)
     sigmas, positions = place.plan(n)
     return RequestPlan(budget=budget, limit_ms=limit, minimum_ms=minimum_ms, rho=rho, sampler=sampler, batch=batch,
                        seed=seed, best_effort=best_effort, context=context, cost=cost, placement=place,
-                       sigmas=sigmas, positions=positions, fit_steps=fit)
+                       sigmas=sigmas, positions=positions, fit_steps=fit, reserved_ms=reserved_ms)

@@ -41,6 +41,17 @@ class RequestReport:
     profile_device: str
     controller: str | None
     notes: list[str] = field(default_factory=list)
+    # a latent pipeline artifact (text-to-image): the prompt, guidance and the finishing decode; None otherwise
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    guidance: float | None = None
+    guidance_mode: str | None = None        # single (one UNet branch) | batch2 | split (two batch-1 calls)
+    decoder: str | None = None              # vae | tiny
+    prompt_tokens: int | None = None        # with BOS and EOS, before truncation
+    prompt_truncated: bool | None = None    # longer than the tokenizer's limit: truncated (see notes)
+    encode_ms: float | None = None          # prompt encoding, inside the request clock (0 when cached)
+    reserved_encode_ms: float | None = None  # the encoding's profiled tail taken off the budget before planning
+    decode_ms: float | None = None          # the finishing decode of the last x0 latent + uint8, inside the clock
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -50,5 +61,10 @@ class RequestReport:
                   else "no power meter")
         limit = f"{self.budget_ms:.1f} ms" if self.budget_ms is not None else f"{self.budget_mj:.0f} mJ"
         met = "met" if self.deadline_met else "MISSED"
-        return (f"{self.steps}/{self.planned_steps} steps ({self.sampler}, {self.schedule}), exit: {self.exit_reason}, "
+        steps = f"{self.steps}/{self.planned_steps} steps ({self.sampler}, {self.schedule})"
+        if self.decode_ms is not None:      # a pipeline: encode + steps + decode
+            encode = "" if self.encode_ms is None else f"encode {self.encode_ms:.1f} ms, "
+            total = sum(self.measured_step_ms)
+            steps = f"{encode}{steps} {total:.1f} ms, decode {self.decode_ms:.1f} ms"
+        return (f"{steps}, exit: {self.exit_reason}, "
                 f"latency {self.latency_ms:.1f} ms vs budget {limit} ({met}), {energy}")

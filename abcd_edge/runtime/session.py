@@ -7,6 +7,11 @@ gate validated. The one step loop (core/loop.py) runs it under the anytime rules
 online correction and re-planning after the call. The image is the last x0
 estimate, never a noisy x_t.
 
+A latent pipeline artifact (text-to-image SD / LCM, docs/sd-pipeline-spec.md) runs the same loop: the
+prompt is encoded inside the request clock (its profiled tail taken off the budget before planning), the
+loop steps a GuidedDenoiser (device/pipeline.py: classifier-free guidance by the profile's faster
+mode), and finishing is the decode of the last x0 latent, whose tail the hard rule and the guard reserve.
+
 Collaborators are passed in; :meth:`AnytimeRuntime.open` finds or measures them
 for the CLI::
 
@@ -26,7 +31,7 @@ from abcd_edge.core.budget import Budget, parse_budget
 from abcd_edge.core.images import check_image_channels, to_uint8
 from abcd_edge.core.loop import LoopInterrupted, run_steps
 from abcd_edge.core.noise import NoiseSchedule
-from abcd_edge.core.samplers import make_sampler
+from abcd_edge.core.samplers import diffusers_options, make_sampler, natural_sampler
 from abcd_edge.device.clock import WallClock
 from abcd_edge.device.power import NoneMeter
 from abcd_edge.errors import UserError
@@ -37,6 +42,7 @@ from abcd_edge.runtime.anytime import AnytimeRules
 from abcd_edge.runtime.cost import CostModel, OnlineCorrection
 from abcd_edge.runtime.plan import (RULE_MAX_STEPS, RequestPlan, auto_sampler, budget_in_ms, check_request, plan_request,
                                     resolve_sampler)
+from abcd_edge.core.placement import DIFFUSERS_PLACEMENT
 from abcd_edge.runtime.report import REPORT_SCHEMA_VERSION, RequestReport
 
 COST_PREDICTOR_TOLERANCE = 0.10   # the predictor's step tail may differ this much from the profile's p99
@@ -55,6 +61,20 @@ class RequestInterrupted(KeyboardInterrupt):
         self.images, self.report = images, report
 
 
+@dataclasses.dataclass
+class PipelineRequest:
+    """A pipeline request's text side, checked: what to encode, the guidance and how it runs, the decoder."""
+
+    prompt: str | None
+    negative_prompt: str | None
+    guidance: float | None
+    branches: int             # 1: one UNet branch; 2: classifier-free guidance
+    mode: str                 # single | batch2 | split
+    decoder: str              # vae | tiny
+    decoder_component: str    # vae_decoder | vae_decoder_tiny
+    notes: list[str]
+
+
 class AnytimeRuntime:
     """A warm session over one artifact's denoiser. One request at a time (a lock guards it);
     use one instance per thread for parallel requests. A context manager: ``close()`` on exit."""
@@ -62,8 +82,19 @@ class AnytimeRuntime:
     def __init__(self, denoiser, manifest: Manifest, profile: DeviceProfile, *, controller=None, meter=None,
                  clock=None, online: OnlineCorrection | None = None, manifest_hash: str = "",
                  artifact_dir: str | Path = "", profile_path: str | Path = "", controller_dir: str | Path | None = None,
-                 notes: list[str] | None = None, warm_up: bool = True):
-        check_image_channels(manifest.channels, f"artifact {str(artifact_dir or manifest.name)!r}")
+                 notes: list[str] | None = None, warm_up: bool = True, pipeline=None):
+        if getattr(manifest, "pipeline", None) is None:
+            check_image_channels(manifest.channels, f"artifact {str(artifact_dir or manifest.name)!r}")
+        else:
+            if pipeline is None:
+                raise UserError(f"artifact {str(artifact_dir or manifest.name)!r} is a latent pipeline: its session "
+                                "needs the prompt encoder and decoder too (open it with AnytimeRuntime.open)")
+            check_image_channels(int(manifest.pipeline["image"]["channels"]),
+                                 f"artifact {str(artifact_dir or manifest.name)!r}'s decoder")
+            if profile.pipeline is None:
+                raise UserError(f"profile {str(profile_path) or profile.device_id!r} has no per-component figures "
+                                "for this pipeline artifact; profile it again with `abcd-edge profile`")
+        self.pipeline = pipeline
         self.denoiser, self.manifest, self.profile = denoiser, manifest, profile
         self.schedule = NoiseSchedule.from_config(manifest.scheduler_config)
         self.controller = controller
@@ -93,7 +124,8 @@ class AnytimeRuntime:
                          quick_profile_runs=quick_profile_runs, denoiser=denoiser, precision=precision)
         return cls(parts.denoiser, parts.manifest, parts.profile, controller=parts.controller, meter=parts.meter,
                    clock=clock, manifest_hash=parts.manifest_hash, artifact_dir=parts.artifact_dir,
-                   profile_path=parts.profile_path, controller_dir=parts.controller_dir, notes=parts.notes)
+                   profile_path=parts.profile_path, controller_dir=parts.controller_dir, notes=parts.notes,
+                   pipeline=parts.pipeline)
 
     def __enter__(self) -> "AnytimeRuntime":
         return self
@@ -121,28 +153,59 @@ class AnytimeRuntime:
         On a simulated clock (a replayed profile of another device) the pace is
         not comparable, so WARMUP_CALLS calls are all.
         """
-        simulated = getattr(self.clock, "simulated", False)
         shape = (self.manifest.channels, self.manifest.resolution, self.manifest.resolution)
+        if self.pipeline is not None:
+            self._warm_up_pipeline(shape)
+            return
         for bp in self.profile.batches:
             sample = np.zeros((bp.batch, *shape), np.float32)
             timestep = np.full(bp.batch, self.schedule.num_train_timesteps // 2, np.float32)
-            times: list[float] = []
-            t_end = time.perf_counter() + WARMUP_MAX_S
-            while True:
-                t0 = time.perf_counter()
-                self.denoiser(sample, timestep)
-                times.append((time.perf_counter() - t0) * 1e3)
-                recent = float(np.median(times[-WARMUP_CALLS:]))
-                steady = len(times) >= WARMUP_CALLS and (
-                    simulated or recent <= WARMUP_TOLERANCE * bp.step.p50_ms
-                    # slower than the profile (a busy machine) but no longer getting faster: as warm as it gets
-                    or (len(times) >= 4 * WARMUP_CALLS
-                        and recent >= 0.95 * float(np.median(times[-4 * WARMUP_CALLS:-WARMUP_CALLS]))))
-                if steady or time.perf_counter() > t_end:
-                    break
-            self.notes.append(f"warm-up batch {bp.batch}: {len(times)} calls in {sum(times):.0f} ms, first "
-                              f"{times[0]:.1f} ms, last {times[-1]:.1f} ms (profile p50 {bp.step.p50_ms:.2f} ms)"
-                              + ("" if steady else "; still getting faster: the first requests may run slow"))
+            self._warm(lambda: self.denoiser(sample, timestep), bp.step.p50_ms, f"batch {bp.batch}")
+
+    def _warm(self, call, p50_ms: float, label: str) -> None:
+        """Call until steady (see :meth:`_warm_up`), and note how it went."""
+        simulated = getattr(self.clock, "simulated", False)
+        times: list[float] = []
+        t_end = time.perf_counter() + WARMUP_MAX_S
+        while True:
+            t0 = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - t0) * 1e3)
+            recent = float(np.median(times[-WARMUP_CALLS:]))
+            steady = len(times) >= WARMUP_CALLS and (
+                simulated or recent <= WARMUP_TOLERANCE * p50_ms
+                # slower than the profile (a busy machine) but no longer getting faster: as warm as it gets
+                or (len(times) >= 4 * WARMUP_CALLS
+                    and recent >= 0.95 * float(np.median(times[-4 * WARMUP_CALLS:-WARMUP_CALLS]))))
+            if steady or time.perf_counter() > t_end:
+                break
+        self.notes.append(f"warm-up {label}: {len(times)} calls in {sum(times):.0f} ms, first "
+                          f"{times[0]:.1f} ms, last {times[-1]:.1f} ms (profile p50 {p50_ms:.2f} ms)"
+                          + ("" if steady else "; still getting faster: the first requests may run slow"))
+
+    def _warm_up_pipeline(self, shape: tuple[int, ...]) -> None:
+        """A pipeline's components each until steady: the UNet in each mode a request may use, the text
+        encoder, the decoders. The default negative prompt "" is encoded (and cached) here."""
+        pl, pp = self.pipeline, self.profile.pipeline
+        sample = np.zeros((1, *shape), np.float32)
+        timestep = np.full(1, self.schedule.num_train_timesteps // 2, np.float32)
+        emb = pl.dummy_embedding(1)
+        for branches in ((1,) if pl.lcm or not pl.text else (1, 2)):
+            mode = "single" if branches == 1 else pp.guidance_mode
+            den = pl.denoiser(emb, emb, pl.default_guidance if branches == 2 else 1.0, mode)
+            comp = {"single": "unet_b1", "batch2": "unet_b2", "split": "unet_split"}[mode]
+            self._warm(lambda: den(sample, timestep), pp.components[comp].latency.p50_ms, f"unet {mode}")
+        if pl.text:
+            ids = pl.encoder.tokenize("a warm-up prompt").ids
+            model = pl.encoder.model
+            self._warm(lambda: model.run({model.input_names[0]: ids}),
+                       pp.components["text_encoder"].latency.p50_ms, "text encoder")
+            if not pl.lcm:
+                pl.encoder.embed("")          # the default negative prompt, cached
+        for name in pl.decoders:
+            if name in pp.components:
+                self._warm(lambda: pl.decoders[name].run({pl.decoders[name].input_names[0]: sample}),
+                           pp.components[name].latency.p50_ms, name)
 
     def _cost_predictor_tails(self) -> tuple[float, float] | None:
         """The controller's (step, finishing) tails for batch 1, where it may be trusted, else None (noted).
@@ -172,83 +235,213 @@ class AnytimeRuntime:
     def uses_cost_predictor(self, batch: int) -> bool:
         return batch == 1 and self._predicted_tails is not None
 
-    def cost_model(self, batch: int, sampler: str, correction: float | None = None) -> CostModel:
-        """The cost model of this session for (batch, sampler), at the running correction unless one is given."""
+    def batch_profile(self, batch: int, branches: int | None = None, decoder: str | None = None):
+        """The profile of one batch as this request runs it. A pixel artifact: the profile's. A pipeline:
+        the step of the UNet mode it runs (``branches`` 1: one branch; 2: the profile's faster guided mode;
+        None: the default guidance's) and the finishing of its decoder ("vae" unless "tiny")."""
+        bp = self.profile.for_batch(batch)
+        if self.pipeline is None:
+            return bp
+        pl, pp = self.pipeline, self.profile.pipeline
+        branches = branches if branches is not None else pl.branches(pl.default_guidance)
+        comp = "unet_b1" if branches == 1 else {"batch2": "unet_b2", "split": "unet_split"}[pp.guidance_mode]
+        dec = pl.decoder_component(decoder or "vae")
+        if comp not in pp.components or dec not in pp.finish:
+            raise UserError(f"profile {self.profile_path or self.profile.device_id!r} has no figures for "
+                            f"{comp if comp not in pp.components else dec}; profile this artifact again")
+        c = pp.components[comp]
+        flops = float(self.manifest.flops_per_step) * branches
+        return dataclasses.replace(bp, step=c.latency, finish=pp.finish[dec], flops_per_step=flops,
+                                   flops_per_s=flops * batch / (c.latency.p50_ms / 1e3),
+                                   step_power_w=c.power_w, energy_per_step_mj=c.energy_mj)
+
+    def cost_model(self, batch: int, sampler: str, correction: float | None = None, branches: int | None = None,
+                   decoder: str | None = None) -> CostModel:
+        """The cost model of this session for (batch, sampler), at the running correction unless one is given
+        (a pipeline: for the UNet mode of ``branches`` and the finishing of ``decoder``, see batch_profile)."""
         return CostModel.from_profile(
-            self.profile.for_batch(batch), sampler,
-            tails=self._predicted_tails if self.uses_cost_predictor(batch) else None,
+            self.batch_profile(batch, branches, decoder), sampler,
+            tails=self._predicted_tails if self.uses_cost_predictor(batch) and self.pipeline is None else None,
             correction=self.online.correction if correction is None else correction,
             observed_tail_ratio=self.online.observed_tail_ratio(batch))
 
-    def minimum_ms(self, batch: int = 1, sampler: str = "ddim") -> float:
-        """The smallest achievable response: one step + finishing at the profile's tail.
+    def encode_tail_ms(self, texts: int = 1) -> float:
+        """A pipeline's prompt encoding of ``texts`` texts at the profile's tail (0 without a text encoder)."""
+        if self.pipeline is None or not self.pipeline.text:
+            return 0.0
+        return texts * self.profile.pipeline.components["text_encoder"].latency.p99_ms
+
+    def minimum_ms(self, batch: int = 1, sampler: str = "ddim", branches: int | None = None,
+                   decoder: str | None = None) -> float:
+        """The smallest achievable response: one step + finishing at the profile's tail (a text-to-image
+        pipeline: + one prompt encoding; finishing is the decode).
 
         Uses the profile (correction 1), not the running correction: a refused request takes no
         step, so a minimum that followed the correction could never come back down.
         """
-        return self.cost_model(batch, sampler, correction=1.0).minimum_ms()
+        return (self.cost_model(batch, sampler, correction=1.0, branches=branches, decoder=decoder).minimum_ms()
+                + self.encode_tail_ms(1))
+
+    def pipeline_request(self, prompt: str | None = None, negative_prompt: str | None = None,
+                         guidance: float | None = None, decoder: str | None = None) -> PipelineRequest | None:
+        """Check a request's text-side arguments: None for a pixel artifact (which refuses them)."""
+        if self.pipeline is None:
+            given = [name for name, v in (("prompt", prompt), ("negative prompt", negative_prompt),
+                                          ("guidance", guidance), ("decoder", decoder)) if v is not None]
+            if given:
+                raise UserError(f"artifact {self.artifact_dir or self.manifest.name!r} is a pixel-space "
+                                f"{self.manifest.model_kind} model: it takes no {', '.join(given)} (only "
+                                "text-to-image pipeline artifacts do)")
+            return None
+        pl = self.pipeline
+        notes: list[str] = []
+        if not pl.text and (prompt is not None or negative_prompt is not None):
+            raise UserError(f"artifact {self.artifact_dir or self.manifest.name!r} has no text encoder (an "
+                            "unconditional latent pipeline): it takes no prompt")
+        for name, v in (("prompt", prompt), ("negative prompt", negative_prompt)):
+            if v is not None and not isinstance(v, str):
+                raise UserError(f"the {name} must be text, got {type(v).__name__}")
+        if guidance is not None:
+            if not pl.text:
+                raise UserError("guidance needs a text encoder; this latent pipeline is unconditional")
+            if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not np.isfinite(guidance) \
+                    or guidance < 1.0:
+                raise UserError(f"guidance {guidance!r} must be a number >= 1 (1: no classifier-free guidance)")
+        w = float(guidance) if guidance is not None else (pl.default_guidance if pl.text else None)
+        if pl.text and prompt is None:
+            prompt = ""
+            notes.append('no prompt given: the empty prompt "" (unconditional sampling)')
+        branches = pl.branches(w) if w is not None else 1
+        if negative_prompt is not None and branches == 1:
+            notes.append("the negative prompt is not used: " + (
+                "an LCM UNet runs one branch (guidance enters as an embedding)" if pl.lcm else
+                "guidance 1 runs the conditional branch only"))
+        dec = decoder or "vae"
+        mode = "single" if branches == 1 else self.profile.pipeline.guidance_mode
+        return PipelineRequest(prompt=prompt, negative_prompt=negative_prompt, guidance=w, branches=branches,
+                               mode=mode, decoder=dec, decoder_component=pl.decoder_component(dec), notes=notes)
+
+    def _texts_to_encode(self, req: PipelineRequest | None) -> int:
+        """Text-encoder calls the request will make (texts not in the encoder's cache)."""
+        if req is None or not self.pipeline.text:
+            return 0
+        texts = {req.prompt} | ({"" if req.negative_prompt is None else req.negative_prompt}
+                                if req.branches == 2 else set())
+        return sum(not self.pipeline.encoder.cached(t) for t in texts)
 
     def plan(self, budget: Budget | str, rho: float = 1.0, sampler: str = "default", seed: int = 0, batch: int = 1,
-             best_effort: bool = False, placement: str = "auto", use_exit_rule: bool = True) -> RequestPlan:
+             best_effort: bool = False, placement: str = "auto", use_exit_rule: bool = True,
+             prompt: str | None = None, negative_prompt: str | None = None, guidance: float | None = None,
+             decoder: str | None = None) -> RequestPlan:
         """Plan one request (refusing a budget below the minimum unless ``best_effort``). ``sampler``
-        "default" is the artifact's natural one (consistency for a consistency model, else DDIM). ``budget``
-        is a Budget or its text ("150ms", "2J")."""
+        "default" is the artifact's natural one (consistency for a consistency model, lcm for an LCM
+        pipeline, else DDIM). ``budget`` is a Budget or its text ("150ms", "2J"). The prompt arguments are
+        a text-to-image pipeline's (refused for a pixel artifact)."""
+        req = self.pipeline_request(prompt, negative_prompt, guidance, decoder)
+        return self._plan(req, budget, rho, sampler, seed, batch, best_effort, placement, use_exit_rule)
+
+    def _plan(self, req: PipelineRequest | None, budget: Budget | str, rho: float, sampler: str, seed: int,
+              batch: int, best_effort: bool, placement: str, use_exit_rule: bool) -> RequestPlan:
         budget = parse_budget(budget) if isinstance(budget, str) else budget
         check_request(rho, sampler, batch, placement)
-        bp = self.profile.for_batch(batch)
+        if self.pipeline is not None and batch != 1:
+            raise UserError(f"batch {batch}: a pipeline artifact answers one image per request (batch 1); its "
+                            "UNet already runs at batch 2 for classifier-free guidance")
+        branches, decoder = (req.branches, req.decoder) if req is not None else (None, None)
+        bp = self.batch_profile(batch, branches, decoder)
         limit = budget_in_ms(budget, bp, self.profile_path, self.profile.power.meter)
         prediction = self.manifest.prediction_type
+        if sampler == "default" and self.pipeline is not None:   # the sampler of the model's own scheduler
+            sampler = natural_sampler(prediction, self.manifest.scheduler_config)
         sampler = resolve_sampler(sampler, prediction)
+        if placement == "auto" and self.pipeline is not None and self.controller is None:
+            placement = DIFFUSERS_PLACEMENT     # the timesteps the model's own scheduler would step
         if sampler == "auto":
-            sampler = auto_sampler(self.controller, lambda s: self.cost_model(batch, s).steps_that_fit(
+            sampler = auto_sampler(self.controller, lambda s: self.cost_model(batch, s, branches=branches,
+                                                                              decoder=decoder).steps_that_fit(
                 limit, level="sum", cap=RULE_MAX_STEPS), fallback=resolve_sampler("default", prediction))
-        cost = self.cost_model(batch, sampler)
-        minimum = dataclasses.replace(cost, correction=1.0).minimum_ms()   # as minimum_ms(), from the same model
+        cost = self.cost_model(batch, sampler, branches=branches, decoder=decoder)
+        reserved = self.encode_tail_ms(self._texts_to_encode(req))
+        # as minimum_ms(), from the same model; a pipeline adds the encoding this request makes
+        minimum = dataclasses.replace(cost, correction=1.0).minimum_ms() + reserved
         if limit < minimum and not best_effort:
+            what = "one step + finishing" if self.pipeline is None else (
+                ("prompt encoding + " if reserved else "") + "one step + decode")
             raise UserError(f"budget {budget} is below the smallest achievable response on this device "
-                            f"({minimum:.2f} ms: one step + finishing at the profile's tail); "
+                            f"({minimum:.2f} ms: {what} at the profile's tail); "
                             "raise the budget or pass --best-effort")
         return plan_request(budget, limit, rho=rho, sampler=sampler, batch=batch, seed=seed,
                             best_effort=best_effort, placement=placement, bp=bp, cost=cost, minimum_ms=minimum,
                             schedule=self.schedule, controller=self.controller, use_exit_rule=use_exit_rule,
-                            prediction_type=prediction)
+                            prediction_type=prediction, reserved_ms=reserved,
+                            scheduler_config=self.manifest.scheduler_config)
 
     # ------------------------------------------------------------------------------------ serving
     def generate(self, budget: Budget | str, rho: float = 1.0, sampler: str = "default", seed: int = 0, batch: int = 1,
                  best_effort: bool = False, placement: str = "auto", use_exit_rule: bool = True,
-                 clock=None) -> tuple[np.ndarray, RequestReport]:
+                 clock=None, prompt: str | None = None, negative_prompt: str | None = None,
+                 guidance: float | None = None, decoder: str | None = None) -> tuple[np.ndarray, RequestReport]:
         """One request: images uint8 [batch,H,W,3] made before the deadline, and its report.
 
         ``clock`` runs this request on another clock than the session's (the bench's
         per-stream replay clocks). Ctrl-C during the steps raises :class:`RequestInterrupted`
         carrying the last completed step's images and a report with exit_reason "interrupted"
-        (both None when no step finished)."""
+        (both None when no step finished).
+
+        A text-to-image pipeline artifact takes ``prompt`` (default ""), ``negative_prompt`` (default "",
+        unused by one-branch requests), ``guidance`` (>= 1; default the artifact's, 7.5 for SD; 1 runs one
+        branch) and ``decoder`` ("vae" or "tiny"); a pixel artifact refuses them in one line. The prompt is
+        encoded inside the request clock, the loop steps the guided UNet over latents, and the image is the
+        decode of the last x0 latent (also inside the clock)."""
         clock = clock if clock is not None else self.clock
         with self._lock:
-            plan = self.plan(budget, rho, sampler, seed, batch, best_effort, placement, use_exit_rule)
+            req = self.pipeline_request(prompt, negative_prompt, guidance, decoder)
+            plan = self._plan(req, budget, rho, sampler, seed, batch, best_effort, placement, use_exit_rule)
             rng = np.random.default_rng(seed)
             shape = (batch, self.manifest.channels, self.manifest.resolution, self.manifest.resolution)
             noise = rng.standard_normal(shape).astype(np.float32)
-            smp = make_sampler(plan.sampler, self.schedule, plan.sigmas, self.manifest.prediction_type)
+            # a pipeline steps as its diffusers scheduler does (start scale, DDIM's final alpha, LCM's scaling)
+            options = (diffusers_options(plan.sampler, self.manifest.scheduler_config, self.schedule)
+                       if req is not None else {})
+            smp = make_sampler(plan.sampler, self.schedule, plan.sigmas, self.manifest.prediction_type, **options)
             rules = AnytimeRules(plan, clock)
+            text = {}
 
             self.meter.start()
             clock.start()
+            denoiser = self.denoiser
+            if req is not None:       # a pipeline: encode the prompt inside the clock, guide the UNet
+                enc = None
+                if self.pipeline.text:
+                    t0 = clock.elapsed_ms()
+                    enc = self.pipeline.encoder.encode(req.prompt, req.negative_prompt, uncond=req.branches == 2)
+                    text["encode_ms"] = clock.elapsed_ms() - t0
+                denoiser = self.pipeline.denoiser(enc.cond if enc else None, enc.uncond if enc else None,
+                                                  req.guidance or 1.0, req.mode)
+                text["enc"] = enc
             try:
-                result = run_steps(self.denoiser, smp, noise, rng=rng, clock=clock, hooks=rules)
+                result = run_steps(denoiser, smp, noise, rng=rng, clock=clock, hooks=rules)
                 interrupted = False
             except LoopInterrupted as exc:        # Ctrl-C: the last completed step's x0 is still an answer
                 result, interrupted = exc.result, True
                 n = result.steps
                 rules.predicted, rules.predicted_median = rules.predicted[:n], rules.predicted_median[:n]
             clock.disarm()
-            images = to_uint8(np.asarray(result.x0, np.float32))
+            if req is not None:       # finishing: decode the loop's last x0 latent (a completed DDIM run under
+                                      # set_alpha_to_one=False: diffusers' final state, see diffusers_options)
+                t0 = clock.elapsed_ms()
+                images = to_uint8(self.pipeline.decode(np.asarray(result.x0, np.float32), req.decoder))
+                text["decode_ms"] = clock.elapsed_ms() - t0
+            else:
+                images = to_uint8(np.asarray(result.x0, np.float32))
             latency = clock.elapsed_ms()
             reading = self.meter.stop()
             measured = [round(ms, 4) for ms in result.step_ms]
             self.online.update(batch, plan.cost, result.step_ms)
         reason = "best-effort" if best_effort and result.reason == "done" and plan.below_minimum else result.reason
         report = self._report(plan, smp, rules, reason, measured, latency, reading, clock)
+        if req is not None:
+            self._pipeline_report(report, req, plan, text)
         if interrupted:
             raise RequestInterrupted(images if result.steps else None, report if result.steps else None)
         return images, report
@@ -281,3 +474,24 @@ class AnytimeRuntime:
             controller=(self.controller_dir or "(passed in)") if self.controller is not None else None,
             notes=list(self.notes) + list(reading.warnings),
         )
+
+    def _pipeline_report(self, report: RequestReport, req: PipelineRequest, plan: RequestPlan, text: dict) -> None:
+        """A pipeline request's own report fields: prompt, guidance, encode and decode times, truncation."""
+        enc = text.get("enc")
+        report.prompt, report.negative_prompt = req.prompt, req.negative_prompt
+        report.guidance, report.guidance_mode = req.guidance, req.mode
+        report.decoder = req.decoder
+        report.encode_ms = round(text["encode_ms"], 4) if "encode_ms" in text else None
+        report.reserved_encode_ms = round(plan.reserved_ms, 4)
+        report.decode_ms = round(text["decode_ms"], 4)
+        report.notes.extend(req.notes)
+        if enc is not None:
+            report.prompt_tokens, report.prompt_truncated = enc.prompt_tokens, enc.truncated
+            limit = self.pipeline.encoder.max_length
+            if enc.truncated:
+                report.notes.append(f"prompt truncated: {enc.prompt_tokens} tokens (with BOS/EOS) is more than the "
+                                    f"tokenizer's limit {limit}; the last {enc.prompt_tokens - limit} were dropped")
+            if enc.negative_truncated:
+                report.notes.append(f"negative prompt truncated to the tokenizer's limit {limit} tokens")
+            if enc.encoded_texts == 0:
+                report.notes.append("prompt embeddings cached from an earlier request: no text encoding ran")

@@ -15,7 +15,9 @@ budget minus the overhead is at least the smallest response the runtime would
 start now: one step + finishing at the step tail it uses now (the profile's tail
 x the online correction, or the tail observed lately, whichever is larger; never
 below the profile's own, ``runtime.minimum_ms``). It then gets at least one step
-and a finished image before its deadline, whatever the requests ahead of it do.
+and a finished image before its deadline, whatever the requests ahead of it do, as
+long as the overhead and the step tail stay within what was measured (a scheduler
+stalling the process for longer is what the ``late`` count records).
 While the worker is idle the bar is the runtime's own ``minimum_ms`` (no
 correction): a request then runs at once, and either steps or, taking none,
 relaxes the correction (runtime/cost.py), so a transient slowdown cannot leave the
@@ -23,10 +25,11 @@ service refusing short budgets forever. A budget below the profile's minimum can
 never be met on this device ("below minimum", the HTTP layer's 422); every other
 refusal depends on the load (503, retry later).
 
-The overhead (planning, noise, encoding PNG and JSON, handing the result back to
-the event loop) is measured per request as (response ready - taken) - the
-runtime's own latency, and :class:`OverheadEstimate` keeps a high quantile of the
-recent values.
+The runtime's clock counts from when the worker takes the request (worker.py's
+``SinceTaken``), so its planning is inside its budget. What is left, the overhead
+(the report, encoding PNG and JSON, handing the result back to the event loop), is
+measured per request as (response ready - taken) - the runtime's latency, and
+:class:`OverheadEstimate` keeps a high quantile of the recent values.
 """
 from __future__ import annotations
 
@@ -39,8 +42,9 @@ from typing import Any, Callable
 import numpy as np
 
 OVERHEAD_WINDOW = 256      # the overhead estimate is over the last 256 answered requests,
-OVERHEAD_QUANTILE = 1.0    # their largest: on a shared 2-core VM the 99th percentile was exceeded by 2x
-                           # spikes (GIL and CPU contention) often enough to make ~0.2 % of answers late
+OVERHEAD_QUANTILE = 0.99   # at the 99 % level: one stall of the whole machine (seen: 144 ms) does not
+                           # refuse every request while it is in the window, as their largest would
+OVERHEAD_MAX_AGE_S = 60.0  # and over the last minute only (see OverheadEstimate)
 
 
 @dataclass
@@ -101,26 +105,44 @@ class Counts:
 class OverheadEstimate:
     """A running high quantile of the per-request overhead outside the runtime clock, in ms.
 
-    0 until the first sample: the service measures a few warm-up requests before it serves."""
+    Samples come only from answered requests, so a spike could otherwise hold the estimate up for as
+    long as it makes every request refused; samples older than ``max_age_s`` are dropped, and with
+    none left the estimate is the ``baseline`` (what the service measured at startup: ``set_baseline``).
+    ``clock`` is the time source (seconds, monotonic); tests pass a fake one."""
 
-    def __init__(self, window: int = OVERHEAD_WINDOW, quantile: float = OVERHEAD_QUANTILE):
-        self._samples: deque[float] = deque(maxlen=window)
-        self._quantile = quantile
-        self._value = 0.0
+    def __init__(self, window: int = OVERHEAD_WINDOW, quantile: float = OVERHEAD_QUANTILE,
+                 max_age_s: float = OVERHEAD_MAX_AGE_S, clock: Callable[[], float] = time.perf_counter):
+        self._samples: deque[tuple[float, float]] = deque(maxlen=window)     # (time, ms)
+        self._quantile, self._max_age_s, self._clock = quantile, max_age_s, clock
+        self._value = self.baseline = 0.0
         self._lock = threading.Lock()
 
     def add(self, ms: float) -> None:
         with self._lock:
-            self._samples.append(max(float(ms), 0.0))
-            self._value = float(np.quantile(np.fromiter(self._samples, float), self._quantile, method="higher"))
+            self._samples.append((self._clock(), max(float(ms), 0.0)))
+            self._update()
 
     def value(self) -> float:
-        return self._value
+        with self._lock:
+            if self._samples and self._clock() - self._samples[0][0] > self._max_age_s:
+                self._update()
+            return self._value
+
+    def set_baseline(self) -> None:
+        """Keep the current estimate as the one to fall back to when every sample has aged out."""
+        self.baseline = self.value()
 
     def clear(self) -> None:
         with self._lock:
             self._samples.clear()
-            self._value = 0.0
+            self._value = self.baseline
+
+    def _update(self) -> None:
+        now = self._clock()
+        while self._samples and now - self._samples[0][0] > self._max_age_s:
+            self._samples.popleft()
+        ms = np.fromiter((m for _, m in self._samples), float)
+        self._value = float(np.quantile(ms, self._quantile, method="higher")) if ms.size else self.baseline
 
     def __len__(self) -> int:
         return len(self._samples)

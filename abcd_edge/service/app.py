@@ -116,6 +116,7 @@ def create_app(runtime, *, queue: int = 64, warmup_requests: int = WARMUP_REQUES
                     admission.overhead.clear()
                 params = GenerateParams(budget_ms=steps_ms + admission.overhead.value(), seed=k)
                 await respond(params, clock(), want_png=k % 2 == 1, counted=False)
+            admission.overhead.set_baseline()
             yield
         finally:
             worker.stop()

@@ -20,6 +20,7 @@ def test_help_lists_verbs():
 def test_info_reports_providers():
     res = CliRunner().invoke(main, ["info"])
     assert res.exit_code == 0 and "CPUExecutionProvider" in res.output
+    assert "UNet2DConditionModel" in res.output and "time_cond_proj_dim" in res.output   # the families accepted
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -287,6 +287,29 @@ def test_png_and_json_answers(server):
     assert img.size == (8, 8)
 
 
+def test_prompts_are_served_for_a_text_to_image_artifact(server, tiny_sd_artifact):
+    """A prompt to a pixel artifact is bad input (422); a text-to-image artifact answers it."""
+    from abcd_edge.service.loadgen import free_port, start_server, stop_server
+
+    url, httpx = server
+    r = httpx.post(f"{url}/generate", json={"budget": "300ms", "prompt": "a red circle"})
+    assert r.status_code == 422 and "prompt" in r.text, r.text
+    port = free_port()
+    proc = start_server(["--artifact", str(tiny_sd_artifact), "--controller", "none", "--threads", "1", "--power",
+                         "none"], port)
+    try:
+        r = httpx.post(f"http://127.0.0.1:{port}/generate", timeout=30,
+                       json={"budget": "2s", "prompt": "a red circle", "negative_prompt": "blue", "guidance": 5.0})
+        assert r.status_code == 200, r.text
+        rep = r.json()["report"]
+        assert rep["prompt"] == "a red circle" and rep["steps"] >= 1 and r.json()["deadline_met"]
+        r = httpx.post(f"http://127.0.0.1:{port}/generate", json={"budget": "2s", "prompt": "x", "guidance": 0.5})
+        assert r.status_code == 422 and "guidance" in r.text
+    finally:
+        out = stop_server(proc)
+        assert "Traceback" not in out, out
+
+
 def test_concurrent_clients_on_time_or_refused(server):
     """8 clients, 5 requests each at mixed budgets, released together (a refused client waits the predicted
     wait before its next request): some requests must be refused, each refusal's figures must justify it,

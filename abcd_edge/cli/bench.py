@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from abcd_edge.bench.grid import BENCH_SAMPLERS, GRIDS, METHODS
-from abcd_edge.cli.options import artifact_option, backend_option, int_list, threads_option
+from abcd_edge.cli.options import artifact_option, backend_option, int_list, pixel_artifact_only, threads_option
 
 
 @click.command("bench")
@@ -37,6 +37,7 @@ def bench_command(grid, out, profiles, budgets, samplers, quality, methods, seed
     """The benchmark grid: ABCD vs baselines -> results.csv, summary.md, plots, bench.json.
 
     Extra arguments are more profiles (so an unquoted --profiles profiles/*.json works)."""
+    pixel_artifact_only(artifact, "bench")
     from abcd_edge.bench.runner import bench_main
 
     profs = list(profiles) + list(extra_profiles)
@@ -63,6 +64,7 @@ def bench_command(grid, out, profiles, budgets, samplers, quality, methods, seed
 def bench_runtime_command(out, artifact, budgets, requests, sampler, rho, threads, backend, profile, loads):
     """What the anytime loop achieves on this machine: success, steps vs the physical limit, loop overhead
     vs a bare loop, step-latency prediction; per budget, quiet and with one core busy."""
+    pixel_artifact_only(artifact, "bench-runtime")
     from abcd_edge.bench.runtime_bench import run_runtime_bench
 
     command = ("abcd-edge bench-runtime " + " ".join(
@@ -91,6 +93,7 @@ def bench_runtime_command(out, artifact, budgets, requests, sampler, rho, thread
 @threads_option
 def bench_schedules_command(out, artifact, calibration, profile, samplers, steps, samples, budget_ms, threads):
     """Feature-FID of the learned schedule vs time-uniform, Karras and log-SNR at equal steps."""
+    pixel_artifact_only(artifact, "bench-schedules")
     from abcd_edge.bench.schedule_fid import DEFAULT_OUT, schedule_fid_table
     from abcd_edge.io import write_json_atomic
 

@@ -13,7 +13,7 @@ import click
 
 from abcd_edge import __version__, paths
 from abcd_edge.cli.options import (artifact_option, at_least, check_threads, device_options, int_list,
-                                   precision_option, threads_option)
+                                   pixel_artifact_only, precision_option, threads_option)
 from abcd_edge.errors import UserError
 
 EXIT_BAD_INPUT = 2           # a UserError: one line on stderr, nothing written
@@ -53,11 +53,22 @@ def main() -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
 def info(as_json: bool) -> None:
-    """What this machine offers: versions, ORT providers, TensorRT, power meters, CPU/GPU."""
+    """What this machine offers (versions, ORT providers, TensorRT, power meters, CPU/GPU) and which model
+    families `abcd-edge export` accepts."""
     from abcd_edge.device.hardware import format_info, machine_info
+    from abcd_edge.formats.manifest import MODEL_FAMILIES, MODEL_FAMILIES_REFUSED
 
     facts = machine_info()
-    click.echo(json.dumps(facts, indent=2) if as_json else format_info(facts))
+    if as_json:
+        facts["model_families"] = [{"family": f, "example": e} for f, e in MODEL_FAMILIES]
+        facts["model_families_refused"] = MODEL_FAMILIES_REFUSED
+        click.echo(json.dumps(facts, indent=2))
+        return
+    click.echo(format_info(facts))
+    click.echo("model families (abcd-edge export):")
+    for family, example in MODEL_FAMILIES:
+        click.echo(f"  - {family}\n      {example}")
+    click.echo(f"  refused: {MODEL_FAMILIES_REFUSED}")
 
 
 @main.command()
@@ -208,7 +219,8 @@ def _text_request(artifact, prompt, prompt_file, negative_prompt, guidance, deco
 @click.option("--resolution", default=None, type=int, help="Sample resolution (default: the model's).")
 @click.option("--batch", default="1,4", show_default=True, help="Batch range as a list, e.g. 1,4.")
 @click.option("--fp16", is_flag=True, help="Also write denoiser.fp16.onnx with its drift measured.")
-@click.option("--trt", is_flag=True, help="Also build denoiser.plan with TensorRT (where installed).")
+@click.option("--trt", is_flag=True, help="Also build denoiser.plan (a pipeline: <component>/model.plan per "
+              "component) with TensorRT (where installed).")
 @click.option("--opset", default=17, show_default=True, type=int)
 @click.option("--bench", is_flag=True, help="Also print ORT vs torch step latency for the demo and a CIFAR-10-sized UNet.")
 def export(model, controller_dir, out, resolution, batch, fp16, trt, opset, bench) -> None:
@@ -226,9 +238,12 @@ def export(model, controller_dir, out, resolution, batch, fp16, trt, opset, benc
                                 opset=opset, progress=sys.stderr.isatty())   # no bar left before a one-line error
         if manifest.pipeline is not None:    # one ONNX per component (abcd_edge/export/sd_pipeline.py)
             comps = manifest.pipeline["components"]
+            plans = {k: c["trt"] for k, c in comps.items() if c.get("trt")}
             click.echo(f"exported {manifest.name} ({manifest.model_kind} pipeline) -> {out}: " + ", ".join(
                 f"{k} {c['flops'] / 1e9:.3f} GFLOP" for k, c in comps.items())
-                + f" per sample; parity max rel {manifest.parity['max_rel']:.2e}")
+                + f" per sample; parity max rel {manifest.parity['max_rel']:.2e}"
+                + ("; TensorRT plans: " + ", ".join(f"{k}/{t['plan']} ({t['precision']})" for k, t in plans.items())
+                   + f" for {next(iter(plans.values()))['gpu_name']}" if plans else ""))
         else:
             click.echo(f"exported {manifest.name} -> {out}: {manifest.flops_per_step / 1e9:.3f} GFLOP/step, "
                        f"parity max abs {manifest.parity['max_abs']:.2e}")
@@ -333,6 +348,7 @@ def calibrate(artifact, profiles, samplers, out, iters, cost_iters, search_noise
 
     from abcd_edge.extras import CALIBRATE_MODULES, require
 
+    pixel_artifact_only(artifact, "calibrate")
     require("calibrate", "export", *CALIBRATE_MODULES, *(("diffusers",) if ays else ()))
     from abcd_edge.calibrate import CalibrationConfig, calibrate as run_calibration
     from abcd_edge.formats.manifest import load_manifest, manifest_hash

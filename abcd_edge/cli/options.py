@@ -82,3 +82,37 @@ def int_list(value: str, flag: str) -> tuple[int, ...]:
     if not items or any(v < 1 for v in items):
         raise UserError(f"{flag} {value!r}: every value must be an integer >= 1")
     return items
+
+
+# what each verb that takes only pixel-space artifacts says about a pipeline artifact (`pixel_artifact_only`)
+PIPELINE_NOT_YET = {
+    "calibrate": "calibration of pipeline artifacts is not implemented yet",
+    "bench": "the bench grid needs a calibrated controller and calibration of pipeline artifacts is not "
+             "implemented yet",
+    "bench-runtime": "its bare-loop overhead and step-limit rows are defined for the pixel denoiser's loop; "
+                     "pipeline artifacts (encode + steps + decode) are not implemented there yet",
+    "bench-schedules": "it scores calibrated schedules and calibration of pipeline artifacts is not implemented yet",
+}
+
+
+def pixel_artifact_only(artifact, verb: str) -> None:
+    """Refuse a pipeline artifact (text-to-image or LDM: ``manifest.pipeline`` set) in one line naming what
+    ``verb`` supports, before any work. A folder without a readable manifest passes (the verb's own message
+    names what is wrong); ``artifact`` None is the verb's default (the pixel-space demo)."""
+    from pathlib import Path
+
+    from abcd_edge.formats.manifest import MANIFEST_NAME, load_manifest
+
+    if artifact is None or not (Path(artifact) / MANIFEST_NAME).is_file():
+        return
+    try:
+        manifest = load_manifest(Path(artifact), verify_hashes=False)
+    except UserError:
+        return
+    if manifest.pipeline is None:
+        return
+    kind = ("text-to-image pipeline" if manifest.model_kind == "text-to-image"
+            else f"latent {manifest.model_kind} pipeline (LDM layout)")
+    raise UserError(f"{verb}: artifact {str(artifact)!r} is a {kind}; `abcd-edge {verb}` supports pixel-space "
+                    f"artifacts (denoiser.onnx) only: {PIPELINE_NOT_YET[verb]} (`abcd-edge profile` and "
+                    "`abcd-edge run` take pipeline artifacts)")

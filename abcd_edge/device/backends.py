@@ -260,6 +260,10 @@ def open_denoiser(artifact_dir: str | Path, backend: str = "ort-cpu", threads: i
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir)
     if backend == "trt":
+        if getattr(manifest, "pipeline", None) is not None:
+            raise UserError(f"backend 'trt' runs a pixel-space artifact's denoiser.plan; loading a pipeline "
+                            f"artifact's per-component plans (`export --trt`) is not implemented yet: run "
+                            f"{str(artifact_dir)!r} on ort-cpu, ort-cuda or ort-trt")
         if precision != "fp32":
             raise UserError(f"--precision {precision} applies to the ONNX Runtime backends; backend 'trt' runs "
                             "denoiser.plan, whose precision was fixed when it was built (fp16 where the GPU has it)")

@@ -9,6 +9,9 @@ Turbo) and the LDM layout (a latent UNet2DModel + vae/), one ONNX file per compo
     <out>/tokenizer/tokenizer.json     (:mod:`abcd_edge.export.tokenizer`), checked against CLIPTokenizer
     <out>/manifest.json                ``pipeline`` record: components (files, I/O, FLOPs, parity, params),
                                        tokenizer, text, latent, image, guidance, decoders (docs/sd-pipeline-spec.md)
+    <out>/<component>/model.plan       with ``trt=True`` (on the target device): one TensorRT plan per component,
+                                       recorded in its component's ``trt`` (:func:`build_component_plans`);
+                                       device-specific: not in ``files`` nor in the content hash, git-ignored
 
 :func:`latent_pipeline_kind` says which folder this module takes ("text-to-image", "ldm") or None (the pixel
 UNet2DModel path of :mod:`abcd_edge.export.model`), refusing, in one line naming the class found and what is
@@ -34,18 +37,23 @@ from pathlib import Path
 import numpy as np
 
 from abcd_edge.errors import UserError
-from abcd_edge.export.errors import first_line
-from abcd_edge.export.sd_components import (PARITY_TIMESTEPS, Component, decoder_component, export_and_check,
-                                            text_component, torch_run, unet_component)
+from abcd_edge.export.errors import ExportError, first_line
+from abcd_edge.export.sd_components import (ONNX_FILE, PARITY_TIMESTEPS, Component, decoder_component,
+                                            export_and_check, text_component, torch_run, unet_component)
 from abcd_edge.export.sd_layout import ACCEPTED, class_of, latent_pipeline_kind, read_json, tiny_vae_folder
 from abcd_edge.formats.manifest import (MANIFEST_NAME, PIPELINE_DENOISER_FILE, PREDICTION_TYPES, SCHEMA_VERSION,
                                         Manifest, sha256_file)
 
-__all__ = ["export_latent_pipeline", "latent_pipeline_kind", "PIPELINE_PARITY_TOL", "EXTERNAL_DATA_BYTES"]
+__all__ = ["export_latent_pipeline", "latent_pipeline_kind", "PIPELINE_PARITY_TOL", "EXTERNAL_DATA_BYTES",
+           "PLAN_FILE", "TIMING_CACHE_FILE", "trt_batch_range", "build_component_plans"]
 
 PIPELINE_PARITY_TOL = 1e-4          # fp32 ORT vs torch, max abs error relative to max |torch output|
 EXTERNAL_DATA_BYTES = 1_800_000_000  # a component's weights above this go to model.onnx.data (protobuf: 2 GB)
 SD_GUIDANCE, LCM_GUIDANCE = 7.5, 8.5   # StableDiffusionPipeline's and LatentConsistencyModelPipeline's defaults
+PLAN_FILE = "model.plan"                 # `--trt`: <component>/model.plan (device-specific, git-ignored)
+TIMING_CACHE_FILE = "pipeline.timing.cache"   # one TensorRT timing cache shared by the components' builds
+TRT_PARITY_NOTE = ("not checked at export (needs the GPU runtime); the runtime does not load pipeline plans yet "
+                   "(--backend trt is refused for pipeline artifacts)")
 
 
 # ==================================================================================== loading
@@ -119,6 +127,54 @@ def _check_batches_sd(batch_list: list[int], cfg_doubles: bool) -> tuple[list[in
     return unet, dec
 
 
+# =================================================================================== TensorRT
+def trt_batch_range(name: str, batch_list: list[int], cfg_doubles: bool) -> tuple[int, int, int]:
+    """(min, opt, max) of the optimisation profile over the batch axis of component ``name``'s plan.
+
+    The image batch range is ``batch_list``'s min..max. With classifier-free guidance (``cfg_doubles``: a
+    text-to-image UNet without an LCM guidance embedding) the UNet runs one batch-2 call per image at the
+    default guidance (two batch-1 calls, or one branch, otherwise): min..2 x max, tuned at 2 x min; the text
+    encoder is called per text but was checked up to 2 x max too, so its plan spans the same range, tuned at
+    min. Decoders and one-branch UNets: min..max, tuned at min (as the pixel denoiser's plan)."""
+    bmin, bmax = batch_list[0], batch_list[-1]
+    if cfg_doubles and name == "unet":
+        return bmin, 2 * bmin, 2 * bmax
+    if cfg_doubles and name == "text_encoder":
+        return bmin, bmin, 2 * bmax
+    return bmin, bmin, bmax
+
+
+def build_component_plans(records: dict, tmp: Path, old_out: Path, batch_list: list[int], cfg_doubles: bool) -> None:
+    """One TensorRT plan per exported component, ``tmp/<name>/model.plan``, with the pixel denoiser's builder
+    (:func:`abcd_edge.export.tensorrt.build_trt_plan`: fp16 by the builder flag where TensorRT has one); each
+    record gains ``trt`` (plan file inside the component folder, sha256, TensorRT version, GPU, compute
+    capability, precision, batch range). Every input's non-batch shape is fixed from the record. One timing
+    cache is threaded through the builds (``old_out``'s, when a previous export left one, is read first)."""
+    from abcd_edge.export.tensorrt import build_trt_plan
+
+    cache_in = old_out / TIMING_CACHE_FILE if (old_out / TIMING_CACHE_FILE).is_file() else None
+    for name, rec in records.items():
+        shapes = {}
+        for spec in rec["inputs"]:
+            shape = list(spec["shape"])
+            if not shape or shape[0] != "batch" or not all(isinstance(d, int) for d in shape[1:]):
+                raise ExportError(f"{name}: input {spec['name']} has shape {shape}; a TensorRT plan needs the batch "
+                                  "axis first and every other axis fixed")
+            shapes[spec["name"]] = tuple(shape[1:])
+        bmin, bopt, bmax = trt_batch_range(name, batch_list, cfg_doubles)
+        folder = tmp / name
+        try:
+            plan = build_trt_plan(folder / ONNX_FILE, folder / PLAN_FILE, shapes=shapes, batch_min=bmin,
+                                  batch_opt=bopt, batch_max=bmax, fp16=True, fp16_onnx=None,
+                                  timing_cache_in=cache_in, timing_cache_out=tmp / TIMING_CACHE_FILE)
+        except ExportError as exc:
+            raise ExportError(f"TensorRT plan of the {name}: {exc}") from None
+        cache_in = tmp / TIMING_CACHE_FILE
+        plan["plan_sha256"] = sha256_file(folder / PLAN_FILE)
+        plan["parity"] = TRT_PARITY_NOTE
+        rec["trt"] = plan
+
+
 # ===================================================================================== export
 def export_latent_pipeline(kind: str, root: Path, source: str, out: Path, batch_list: list[int], *, opset: int,
                            bar, name: str | None, threads: int | None, resolution: int | None = None,
@@ -132,8 +188,9 @@ def export_latent_pipeline(kind: str, root: Path, source: str, out: Path, batch_
     from abcd_edge.io import atomic_dir
 
     where = f"--model {source!r}"
-    if fp16 or trt:
-        raise UserError(f"{where}: --fp16 and --trt are not supported for pipeline artifacts yet; export without them")
+    if fp16:
+        raise UserError(f"{where}: --fp16 is not supported for pipeline artifacts yet (no fp16 ONNX per component; "
+                        "--trt builds fp16 TensorRT plans by the builder flag); export without it")
     threads = threads or torch.get_num_threads()
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel, UNet2DModel, VQModel
 
@@ -242,6 +299,9 @@ def export_latent_pipeline(kind: str, root: Path, source: str, out: Path, batch_
             if got[1:] != shp[1:]:
                 raise UserError(f"{where}: {tiny_folder.name}/ decodes to {got[1:]}, the VAE to {shp[1:]} (another "
                                 "scale factor?)")
+        if trt:
+            bar.stage("trt")
+            build_component_plans(records, tmp, out, batch_list, kind == "text-to-image" and not tc)
         bar.stage("write")
         files = {}
         for rec in records.values():

@@ -1,4 +1,5 @@
-"""ONNX -> a serialized TensorRT engine (``denoiser.plan``) with the TensorRT Python API, on the target device.
+"""ONNX -> a serialized TensorRT engine (``denoiser.plan``; a pipeline artifact's ``<component>/model.plan``,
+:mod:`abcd_edge.export.sd_pipeline`) with the TensorRT Python API, on the target device.
 
 A plan only loads on the TensorRT version that built it and is tuned for one GPU, so
 its record names both (the GPU from :func:`abcd_edge.device.tensorrt.detect_gpu`);
@@ -65,7 +66,7 @@ def build_trt_plan(onnx_path: Path, plan_path: Path, *, shapes: dict[str, tuple]
     config.set_timing_cache(cache, False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ExportError("TensorRT could not build an engine from denoiser.onnx (see the TensorRT log above)")
+        raise ExportError(f"TensorRT could not build an engine from {source.name} (see the TensorRT log above)")
     with atomic_path(plan_path) as tmp:
         tmp.write_bytes(bytes(memoryview(serialized)))
     if timing_cache_out is not None:

@@ -19,7 +19,8 @@ Conventions recorded in every manifest:
   hash lives in ``trt["plan_sha256"]`` and is checked when the plan is present.
   A pipeline artifact (``pipeline`` set: a latent UNet + VAE decoder [+ text encoder
   and tokenizer], docs/sd-pipeline-spec.md) names its files ``<component>/<file>``
-  (one folder level, the component one of :data:`PIPELINE_COMPONENTS`).
+  (one folder level, the component one of :data:`PIPELINE_COMPONENTS`); its TensorRT plans
+  (``export --trt``) are ``<component>/model.plan``, recorded in the component's ``trt``.
 """
 from __future__ import annotations
 
@@ -36,6 +37,20 @@ from abcd_edge.errors import UserError
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MODEL_KINDS = ("unconditional", "class-conditional", "consistency", "text-to-image")
+# what `abcd-edge export` accepts (diffusers folders), with one example each (`abcd-edge info`, README)
+MODEL_FAMILIES = (
+    ("pixel-space UNet2DModel: unconditional, class-conditional, consistency (unet/ + scheduler/)",
+     "abcd-edge export --model demo --out export/demo"),
+    ("Stable-Diffusion-style text-to-image, SD 1.x / 2.x shapes (model_index.json; text_encoder/ CLIPTextModel, "
+     "tokenizer/, unet/ UNet2DConditionModel, vae/ AutoencoderKL [+ AutoencoderTiny], scheduler/)",
+     "abcd-edge export --model path/to/sd-folder --out export/sd && abcd-edge run --artifact export/sd "
+     "--prompt 'a red circle' --budget 800ms"),
+    ("LCM / LCM-distilled SD (the same layout, UNet with time_cond_proj_dim, LCMScheduler): guidance baked in",
+     "abcd-edge run --artifact export/lcm --prompt 'a red circle' --guidance 8 --budget 150ms"),
+    ("LDM layout: latent UNet2DModel + vae/ (no text)", "abcd-edge export --model path/to/ldm-folder --out export/ldm"),
+)
+MODEL_FAMILIES_REFUSED = ("transformer backbones (PixArt, SANA, Flux: transformer/), SDXL (text_encoder_2/), "
+                          "inpainting UNets, video UNets")
 # diffusers names; "consistency" = a consistency-model UNet output F (see TIMESTEP_CONVENTIONS)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "consistency")
 TIMESTEP_CONVENTIONS = {
@@ -56,6 +71,9 @@ PIXEL_DENOISER_FILE = "denoiser.onnx"
 PIPELINE_DENOISER_FILE = "unet/model.onnx"
 # measured numbers in pipeline["components"][name]: left out of the content hash (see content_hash)
 PIPELINE_MEASURED = ("parity", "flops", "flops_torch", "flops_rel_diff", "flops_by_op")
+# device-specific in pipeline["components"][name] (a TensorRT plan record: GPU, TensorRT version, plan hash):
+# also left out of the content hash, as the pixel artifact's top-level ``trt`` is
+PIPELINE_DEVICE_SPECIFIC = ("trt",)
 
 
 @dataclass
@@ -284,6 +302,13 @@ def _validate_pipeline(m: "Manifest", bad) -> None:
         if not isinstance(par, dict) or not all(_is_num(par.get(k)) for k in ("max_abs", "max_rel", "tol")) \
                 or not isinstance(par.get("passed"), bool):
             bad("pipeline", f"component {name!r} needs 'parity' with numbers max_abs, max_rel, tol and a bool passed")
+        plan = c.get("trt")
+        if plan is not None:     # `export --trt`: <name>/<plan>, device-specific, git-ignored, not in files
+            if not isinstance(plan, dict) or not all(isinstance(plan.get(k), str) for k in (
+                    "plan", "plan_sha256", "tensorrt_version", "gpu_name")):
+                bad("pipeline", f"component {name!r} trt needs strings plan, plan_sha256, tensorrt_version, gpu_name")
+            if Path(plan["plan"]).name != plan["plan"] or plan["plan"] in ("", ".", ".."):
+                bad("pipeline", f"component {name!r} trt plan must be a plain file name inside {name}/")
     for name in ("unet", "vae_decoder"):
         if name not in comps:
             bad("pipeline", f"must list the component {name!r}")
@@ -327,9 +352,11 @@ def _validate_pipeline(m: "Manifest", bad) -> None:
 
 
 def _pipeline_content(pipeline: dict) -> dict:
-    """``pipeline`` without what was measured about it (parity, FLOPs): what the artifact computes."""
+    """``pipeline`` without what was measured about it (parity, FLOPs) or built for one device (a component's
+    TensorRT plan record ``trt``): what the artifact computes."""
     out = dict(pipeline)
-    out["components"] = {name: {k: v for k, v in comp.items() if k not in PIPELINE_MEASURED}
+    out["components"] = {name: {k: v for k, v in comp.items()
+                                if k not in PIPELINE_MEASURED and k not in PIPELINE_DEVICE_SPECIFIC}
                          for name, comp in pipeline.get("components", {}).items()}
     return out
 
@@ -357,7 +384,8 @@ CONTENT_FIELDS = ("model_kind", "num_class_embeds", "prediction_type", "timestep
 def content_hash(manifest: Manifest) -> str:
     """sha256 of the canonical JSON of the manifest's CONTENT_FIELDS (the content address of the artifact).
 
-    A pipeline artifact adds "pipeline" (less its measured parity and FLOPs); a pixel artifact's hash is
+    A pipeline artifact adds "pipeline" (less its measured parity and FLOPs and its components' TensorRT
+    plan records); a pixel artifact's hash is
     what it was before pipelines existed, so committed profiles and controllers keep matching."""
     content = {"content_fields": list(CONTENT_FIELDS),
                **{name: getattr(manifest, name) for name in CONTENT_FIELDS}}
@@ -405,6 +433,12 @@ def load_manifest(artifact_dir: str | os.PathLike, verify_hashes: bool = True) -
         if m.trt is not None:
             plan = artifact_dir / m.trt["plan"]
             if plan.is_file() and sha256_file(plan) != m.trt["plan_sha256"]:
+                raise UserError(f"{plan} does not match its sha256 in {MANIFEST_NAME} (rebuilt elsewhere or "
+                                "corrupt); re-export with --trt")
+        for name, comp in ((m.pipeline or {}).get("components") or {}).items():
+            rec = comp.get("trt")
+            plan = artifact_dir / name / rec["plan"] if rec else None
+            if plan is not None and plan.is_file() and sha256_file(plan) != rec["plan_sha256"]:
                 raise UserError(f"{plan} does not match its sha256 in {MANIFEST_NAME} (rebuilt elsewhere or "
                                 "corrupt); re-export with --trt")
     return m

@@ -46,6 +46,12 @@ class GenerateRequest(BaseModel):
         "default", description="default: the artifact's natural sampler (consistency for a consistency model, "
                                "else ddim); auto: the calibrated one with the best validated quality.")
     placement: Literal[PLACEMENTS] = "auto"
+    prompt: str | None = Field(None, max_length=4096, description="Text-to-image artifacts: the prompt "
+                               "(truncated to the tokenizer's limit, noted in the report).")
+    negative_prompt: str | None = Field(None, max_length=4096)
+    guidance: float | None = Field(None, ge=1.0, allow_inf_nan=False,
+                                   description="Classifier-free guidance scale (default: the artifact's).")
+    decoder: Literal["vae", "tiny"] | None = None
 
     @field_validator("budget")
     @classmethod
@@ -58,7 +64,8 @@ class GenerateRequest(BaseModel):
 
     def params(self) -> GenerateParams:
         return GenerateParams(budget_ms=parse_budget(self.budget).ms, rho=self.quality, seed=self.seed,
-                              sampler=self.sampler, placement=self.placement)
+                              sampler=self.sampler, placement=self.placement, prompt=self.prompt,
+                              negative_prompt=self.negative_prompt, guidance=self.guidance, decoder=self.decoder)
 
 
 class _StampArrival:

@@ -30,6 +30,10 @@ class GenerateParams:
     seed: int = 0
     sampler: str = "default"
     placement: str = "auto"
+    prompt: str | None = None            # text-to-image artifacts (runtime.generate refuses them elsewhere: 422)
+    negative_prompt: str | None = None
+    guidance: float | None = None
+    decoder: str | None = None
 
 
 @dataclass
@@ -139,7 +143,9 @@ class Worker:
                                    f"after the wait, below the minimum {minimum:.2f} ms")
         try:
             images, report = self.runtime.generate(Budget("latency", budget_ms), rho=p.rho, sampler=p.sampler,
-                                                   seed=p.seed, placement=p.placement,
+                                                   seed=p.seed, placement=p.placement, prompt=p.prompt,
+                                                   negative_prompt=p.negative_prompt, guidance=p.guidance,
+                                                   decoder=p.decoder,
                                                    clock=SinceTaken(self.runtime.clock, ticket.taken, self.queue.clock))
             if report.steps == 0:       # the hard rule or the guard left no step: there is no image to send
                 return Outcome("dropped", report=report, runtime_budget_ms=budget_ms, status=503,

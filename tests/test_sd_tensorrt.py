@@ -235,9 +235,9 @@ def test_one_timing_cache_is_threaded_through_the_builds_and_reused_on_reexport(
     m = load_manifest(out)
     assert all(m.pipeline["components"][n]["trt"]["timing_cache"] == TIMING_CACHE_FILE for n in SD_COMPONENTS)
     # a re-export into the same folder starts from the cache the previous export left
-    again = tmp_path / "again"
-    export_model(str(tiny_sd_dir), again, batches=(1, 2), trt=True, progress=False, threads=1)
-    fake_trt.builds.clear()
+    import shutil
+
+    again = shutil.copytree(out, tmp_path / "again")
     export_model(str(tiny_sd_dir), again, batches=(1, 2), trt=True, progress=False, threads=1)
     assert fake_trt.build("unet")["cache_in"] == b"|unet|text_encoder|vae_decoder"
     assert load_manifest(again).pipeline["components"]["unet"]["trt"]["timing_cache_reused"] is True

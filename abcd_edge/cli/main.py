@@ -89,9 +89,11 @@ def info(as_json: bool) -> None:
 @device_options
 @precision_option
 @click.option("--profile", default=None, type=click.Path(),
-              help="Device profile JSON; default: the committed one for this device, else a quick measurement.")
+              help="Device profile JSON; default: the bundle's or the committed one for this device, else a "
+                   "quick measurement (cached).")
 @click.option("--controller", default="auto", show_default=True,
-              help="Calibrated controller folder, 'auto' (calibration/<artifact name>/) or 'none'.")
+              help="Calibrated controller folder, 'auto' (the bundle's controller/, else "
+                   "calibration/<artifact name>/) or 'none'.")
 @click.option("--best-effort", is_flag=True, help="Below the minimum achievable budget, answer anyway (late).")
 @click.option("--requests", default=1, show_default=True, type=int,
               help="Serve N requests on one warm session (seeds seed..seed+N-1) and report a summary.")

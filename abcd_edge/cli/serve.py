@@ -28,9 +28,11 @@ def _queue(ctx, param, value):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @device_options
 @click.option("--profile", default=None, type=click.Path(),
-              help="Device profile JSON; default: the committed one for this device, else a quick measurement.")
+              help="Device profile JSON; default: the bundle's or the committed one for this device, else a "
+                   "quick measurement (cached).")
 @click.option("--controller", default="auto", show_default=True,
-              help="Calibrated controller folder, 'auto' (calibration/<artifact name>/) or 'none'.")
+              help="Calibrated controller folder, 'auto' (the bundle's controller/, else "
+                   "calibration/<artifact name>/) or 'none'.")
 @click.option("--queue", "queue_size", default=64, show_default=True, type=int, callback=_queue,
               help="Most requests waiting behind the one in progress; more are refused (503).")
 def serve_command(port, host, artifact, backend, threads, power, profile, controller, queue_size) -> None:

@@ -14,6 +14,23 @@ pytest_plugins = ["tests.sd_fixtures"]   # tiny SD / LCM pipeline folders and th
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="abcd-edge-test-cache-")
 
 
+def one_line_error(res, *needles: str) -> str:
+    """A CLI result (click's CliRunner) is exit 2 with exactly one non-empty line, ``abcd-edge: error: ...``,
+    naming every needle, and no traceback; returns that line."""
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1, res.output
+    assert lines[0].startswith("abcd-edge: error: ") and "Traceback" not in res.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` -> its bytes (to check that a refused command wrote nothing)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def copy_working_tree(dest: Path) -> Path:
     """The repository as a fresh clone of this working tree would hold it (tracked and new files, nothing
     ignored: no .venv, no build output, no caches), copied to ``dest``."""

@@ -15,23 +15,11 @@ from click.testing import CliRunner
 from abcd_edge.cli.main import main
 from abcd_edge.errors import UserError
 from abcd_edge.formats.manifest import Manifest, content_hash, load_manifest, manifest_hash, sha256_file
+from tests.conftest import one_line_error, snapshot
 from tests.sd_fixtures import LCM_MAX_LENGTH, SD_MAX_LENGTH, TEXT_HIDDEN, TIME_COND_PROJ_DIM, build_tiny_pipeline
 
 PROMPTS = ("a photo of a cat", "", "An ASTRONAUT riding a horse on Mars!", "naïve café 東京 🚀",
            "a red car on mars " * 30)
-
-
-def _one_line_error(res, *needles: str) -> str:
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("abcd-edge: error: ") and "Traceback" not in res.output, res.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-def _snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _copy(src: Path, dest: Path) -> Path:
@@ -201,8 +189,8 @@ def test_a_different_tokenizer_json_is_detected(tiny_sd_dir, tiny_sd_artifact, t
     out.mkdir()
     (out / "keep.txt").write_text("x")
     res = CliRunner().invoke(main, ["export", "--model", str(folder), "--out", str(out)])
-    _one_line_error(res, "tokenizer check failed", "folder's tokenizer.json")
-    assert _snapshot(out) == {"keep.txt": b"x"} and sorted(p.name for p in tmp_path.iterdir()) == [
+    one_line_error(res, "tokenizer check failed", "folder's tokenizer.json")
+    assert snapshot(out) == {"keep.txt": b"x"} and sorted(p.name for p in tmp_path.iterdir()) == [
         "existing", "nolower.json", "nopad.json", "out", "pipe", "tok"]
 
 
@@ -219,10 +207,10 @@ def test_a_matching_shipped_tokenizer_json_is_used(tiny_sd_dir, tiny_sd_artifact
 
 # ======================================================================================== refusals
 def _refused(model: Path, out: Path, *needles: str) -> None:
-    before = _snapshot(out) if out.exists() else None
+    before = snapshot(out) if out.exists() else None
     res = CliRunner().invoke(main, ["export", "--model", str(model), "--out", str(out)])
-    _one_line_error(res, *needles)
-    assert (_snapshot(out) if out.exists() else None) == before          # nothing written
+    one_line_error(res, *needles)
+    assert (snapshot(out) if out.exists() else None) == before          # nothing written
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]   # no temp folder left
 
 
@@ -307,7 +295,7 @@ def test_a_component_of_another_pipeline_is_refused(tiny_sd_dir, tmp_path, exist
 def test_fp16_is_refused_for_pipelines(tiny_sd_dir, tmp_path):
     # --trt builds one plan per component: tests/test_sd_tensorrt.py
     res = CliRunner().invoke(main, ["export", "--model", str(tiny_sd_dir), "--out", str(tmp_path / "a"), "--fp16"])
-    _one_line_error(res, "--fp16 is not supported for pipeline artifacts yet")
+    one_line_error(res, "--fp16 is not supported for pipeline artifacts yet")
     assert not (tmp_path / "a").exists()
 
 

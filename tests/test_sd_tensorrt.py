@@ -20,6 +20,7 @@ from abcd_edge.export import export_model
 from abcd_edge.export.errors import ExportError
 from abcd_edge.export.sd_pipeline import PLAN_FILE, TIMING_CACHE_FILE, trt_batch_range
 from abcd_edge.formats.manifest import Manifest, content_hash, load_manifest, manifest_hash, sha256_file
+from tests.conftest import one_line_error, snapshot
 from tests.sd_fixtures import LCM_MAX_LENGTH, SD_MAX_LENGTH, TEXT_HIDDEN, TIME_COND_PROJ_DIM
 
 GPU = {"gpu_name": "Orin", "compute_capability": "8.7", "how": "test"}
@@ -129,19 +130,6 @@ def fake_trt(monkeypatch) -> StandInTensorRT:
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(trt_device, "detect_gpu", lambda: dict(GPU))
     return fake
-
-
-def _one_line_error(res, *needles: str) -> str:
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("abcd-edge: error: ") and "Traceback" not in res.output, res.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-def _snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -267,9 +255,9 @@ def test_trt_not_installed_is_refused_before_any_work(tiny_sd_dir, tmp_path, mon
     out.mkdir()
     (out / "keep.txt").write_text("an earlier artifact")
     res = CliRunner().invoke(main, ["export", "--model", str(tiny_sd_dir), "--out", str(out), "--trt"])
-    _one_line_error(res, "TensorRT is not installed here (import tensorrt failed:",
+    one_line_error(res, "TensorRT is not installed here (import tensorrt failed:",
                     "--trt needs a machine with TensorRT (JetPack or pip tensorrt)")
-    assert _snapshot(out) == {"keep.txt": b"an earlier artifact"}
+    assert snapshot(out) == {"keep.txt": b"an earlier artifact"}
 
 
 def test_a_component_tensorrt_rejects_names_it_and_writes_nothing(tiny_sd_dir, tmp_path, monkeypatch):
@@ -278,7 +266,7 @@ def test_a_component_tensorrt_rejects_names_it_and_writes_nothing(tiny_sd_dir, t
     monkeypatch.setattr(trt_device, "detect_gpu", lambda: dict(GPU))
     out = tmp_path / "a"
     res = CliRunner().invoke(main, ["export", "--model", str(tiny_sd_dir), "--out", str(out), "--trt"])
-    _one_line_error(res, "TensorRT plan of the text_encoder: TensorRT's ONNX parser rejected model.onnx",
+    one_line_error(res, "TensorRT plan of the text_encoder: TensorRT's ONNX parser rejected model.onnx",
                     "UNSUPPORTED_NODE")
     assert not out.exists() and not list(tmp_path.glob(".a.*"))
 
@@ -295,7 +283,7 @@ def test_a_gpu_that_cannot_be_told_is_refused(tiny_sd_dir, tmp_path, monkeypatch
 def test_fp16_is_still_refused_for_pipelines_trt_no_longer(tiny_sd_dir, tmp_path, fake_trt):
     res = CliRunner().invoke(main, ["export", "--model", str(tiny_sd_dir), "--out", str(tmp_path / "a"), "--fp16",
                                     "--trt"])
-    line = _one_line_error(res, "--fp16 is not supported for pipeline artifacts yet")
+    line = one_line_error(res, "--fp16 is not supported for pipeline artifacts yet")
     assert "--trt" not in line.split("yet")[0]
     assert not (tmp_path / "a").exists() and fake_trt.builds == []
 
@@ -332,6 +320,6 @@ def test_backend_trt_on_a_pipeline_is_refused_in_one_line(sd_trt, verb, tmp_path
                     "--out", str(tmp_path / "x.png"), "--report", str(tmp_path / "x.json")],
             "profile": ["profile", "--artifact", str(out), "--backend", "trt", "--out", str(tmp_path / "p.json")]}
     res = CliRunner().invoke(main, args[verb])
-    _one_line_error(res, "backend 'trt' runs a pixel-space artifact's denoiser.plan",
+    one_line_error(res, "backend 'trt' runs a pixel-space artifact's denoiser.plan",
                     "per-component plans (`export --trt`) is not implemented yet", "ort-cpu, ort-cuda or ort-trt")
     assert not list(tmp_path.iterdir())

@@ -6,7 +6,6 @@ on one thread; every refusal is checked through the CLI as one line on stderr wi
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -19,8 +18,8 @@ from click.testing import CliRunner
 
 from abcd_edge.cli.main import main
 from abcd_edge.errors import UserError
+from tests.conftest import TINY_UNET, one_line_error
 
-from tests.conftest import TINY_UNET
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -29,17 +28,6 @@ torch.set_num_threads(1)
 from diffusers import CMStochasticIterativeScheduler, DDPMScheduler, UNet2DModel  # noqa: E402
 
 CM_TRAIN_STEPS = 40        # a consistency model with few train timesteps (the user's had 40)
-
-
-def _one_line_error(res, *needles: str) -> str:
-    """The CLI result is exit 2 with exactly one non-empty line naming every needle, no traceback."""
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1, res.output
-    assert lines[0].startswith("abcd-edge: error: ") and "Traceback" not in res.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _save_pipeline(folder: Path, unet_config: dict, scheduler, seed: int = 0) -> Path:
@@ -96,7 +84,7 @@ def runtime_only(monkeypatch):
 ])
 def test_verbs_name_the_extra_they_need(runtime_only, tmp_path, args, verb, extra):
     res = CliRunner().invoke(main, [a.replace("{tmp}", str(tmp_path)) for a in args])
-    line = _one_line_error(res, verb, f"pip install '{extra}'", "torch")
+    line = one_line_error(res, verb, f"pip install '{extra}'", "torch")
     assert "ModuleNotFoundError" not in line
     assert not any(tmp_path.iterdir())                     # nothing written
 
@@ -146,7 +134,7 @@ def test_ldm_layout_without_decoder_weights_is_refused_before_loading(tmp_path, 
     model = _ldm_folder(tmp_path / "ldm", vae, unet_config, index)
     out = tmp_path / "artifact"
     res = CliRunner().invoke(main, ["export", "--model", str(model), "--out", str(out)])
-    _one_line_error(res, f"{vae}", "has a config.json but no weights")
+    one_line_error(res, f"{vae}", "has a config.json but no weights")
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["ldm"]
 
 
@@ -154,7 +142,7 @@ def test_latent_channels_without_a_vae_are_refused(tmp_path):
     torch.manual_seed(0)
     UNet2DModel(**LATENT_UNET).save_pretrained(tmp_path / "bare")
     res = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "bare"), "--out", str(tmp_path / "a")])
-    _one_line_error(res, "4 channels", "accepted: pixel-space UNet2DModel")
+    one_line_error(res, "4 channels", "accepted: pixel-space UNet2DModel")
     assert not (tmp_path / "a").exists()
 
 
@@ -185,7 +173,7 @@ def test_runtime_refuses_a_non_image_artifact(latent_artifact, tiny_profile, tmp
     res = CliRunner().invoke(main, ["run", "--budget", "1s", "--artifact", str(latent_artifact), "--profile",
                                     str(tmp_path / "p.json"), "--controller", "none", "--threads", "1", "--power",
                                     "none", "--out", str(out), "--report", str(tmp_path / "run.json")])
-    _one_line_error(res, "4-channel samples", "accepted: pixel-space models with 3 channels")
+    one_line_error(res, "4-channel samples", "accepted: pixel-space models with 3 channels")
     assert not out.exists()
     with pytest.raises(UserError, match="4-channel"):
         to_uint8(np.zeros((1, 4, 8, 8), np.float32))
@@ -253,7 +241,7 @@ def test_no_network_is_not_reported_as_no_such_model(monkeypatch, tmp_path, make
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     res = CliRunner().invoke(main, ["export", "--model", HUB_ID, "--out", str(tmp_path / "a")])
-    line = _one_line_error(res, f"could not reach the Hugging Face Hub for '{HUB_ID}' (offline?",
+    line = one_line_error(res, f"could not reach the Hugging Face Hub for '{HUB_ID}' (offline?",
                            "pass a local diffusers folder")
     assert "no model" not in line and not (tmp_path / "a").exists()
 
@@ -308,7 +296,7 @@ def test_calibrate_refuses_steps_a_consistency_model_never_plans(cm_artifact, cm
                                                                  tmp_path):
     res = _calibrate(["--artifact", str(cm_artifact), "--profile", str(cm_profile), "--samplers", "consistency",
                       "--steps", "2,16", *small_calibration], tmp_path / "cal")
-    _one_line_error(res, "--steps", "2,16", "'consistency'", "accepted: 1 to 8 steps")
+    one_line_error(res, "--steps", "2,16", "'consistency'", "accepted: 1 to 8 steps")
     assert not (tmp_path / "cal").exists()
 
 
@@ -426,7 +414,7 @@ def test_profile_at_fp16_has_its_own_device_id(cm_artifact, cm_profile, tmp_path
     assert fp16_id != fp32_id and fp16_id == fp32_id.replace("-ort-cpu-", "-ort-cpu-fp16-")
     # the runtime never plans steps of one precision with the other's profile
     res, _ = _run(cm_artifact, out, tmp_path)
-    _one_line_error(res, fp16_id, "a foreign profile is never used")
+    one_line_error(res, fp16_id, "a foreign profile is never used")
     # ... and `run --precision fp16` steps the fp16 file with the fp16 profile
     res, rep = _run(cm_artifact, out, tmp_path, "--precision", "fp16")
     assert res.exit_code == 0, res.output
@@ -452,5 +440,5 @@ def test_profile_refuses_an_fp16_it_cannot_run(tiny_artifact, unusable_fp16_arti
     res = CliRunner().invoke(main, ["profile", "--artifact", str(artifact), "--precision",
                                     "int8" if which == "bad" else "fp16", "--threads", "1", "--power", "none",
                                     "--runs", "5", "--out", str(out)])
-    _one_line_error(res, *needles)
+    one_line_error(res, *needles)
     assert not out.exists()

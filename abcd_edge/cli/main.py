@@ -13,7 +13,7 @@ import click
 
 from abcd_edge import __version__, paths
 from abcd_edge.cli.options import (artifact_option, at_least, check_threads, device_options, int_list,
-                                   pixel_artifact_only, precision_option, threads_option)
+                                   pixel_artifact_only, precision_option, session_options, threads_option)
 from abcd_edge.errors import UserError
 
 EXIT_BAD_INPUT = 2           # a UserError: one line on stderr, nothing written
@@ -88,12 +88,7 @@ def info(as_json: bool) -> None:
 @click.option("--batch", default=1, show_default=True, type=int, help="Images per request.")
 @device_options
 @precision_option
-@click.option("--profile", default=None, type=click.Path(),
-              help="Device profile JSON; default: the bundle's or the committed one for this device, else a "
-                   "quick measurement (cached).")
-@click.option("--controller", default="auto", show_default=True,
-              help="Calibrated controller folder, 'auto' (the bundle's controller/, else "
-                   "calibration/<artifact name>/) or 'none'.")
+@session_options
 @click.option("--best-effort", is_flag=True, help="Below the minimum achievable budget, answer anyway (late).")
 @click.option("--requests", default=1, show_default=True, type=int,
               help="Serve N requests on one warm session (seeds seed..seed+N-1) and report a summary.")

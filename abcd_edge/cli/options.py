@@ -39,6 +39,16 @@ def precision_option(f: Callable) -> Callable:
                              "when its measured drift left it usable); fp16 profiles have a device id of their own.")(f)
 
 
+def session_options(f: Callable) -> Callable:
+    """--profile --controller: what a serving session plans with (`run`, `serve`)."""
+    f = click.option("--controller", default="auto", show_default=True,
+                     help="Calibrated controller folder, 'auto' (the bundle's controller/, else "
+                          "calibration/<artifact name>/) or 'none'.")(f)
+    return click.option("--profile", default=None, type=click.Path(),
+                        help="Device profile JSON; default: the bundle's or the committed one for this device, "
+                             "else a quick measurement (cached).")(f)
+
+
 def device_options(f: Callable) -> Callable:
     """--artifact --backend --threads --power, in that order."""
     return artifact_option(backend_option(threads_option(power_option(f))))

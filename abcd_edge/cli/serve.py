@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from abcd_edge.cli.options import device_options
+from abcd_edge.cli.options import device_options, session_options
 from abcd_edge.errors import UserError
 
 
@@ -27,12 +27,7 @@ def _queue(ctx, param, value):
 @click.option("--port", default=8000, show_default=True, type=int, callback=_port)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @device_options
-@click.option("--profile", default=None, type=click.Path(),
-              help="Device profile JSON; default: the bundle's or the committed one for this device, else a "
-                   "quick measurement (cached).")
-@click.option("--controller", default="auto", show_default=True,
-              help="Calibrated controller folder, 'auto' (the bundle's controller/, else "
-                   "calibration/<artifact name>/) or 'none'.")
+@session_options
 @click.option("--queue", "queue_size", default=64, show_default=True, type=int, callback=_queue,
               help="Most requests waiting behind the one in progress; more are refused (503).")
 def serve_command(port, host, artifact, backend, threads, power, profile, controller, queue_size) -> None:

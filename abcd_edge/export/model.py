@@ -8,7 +8,6 @@ torch and diffusers are imported inside functions.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from abcd_edge.errors import UserError
 from abcd_edge.export.errors import first_line
+from abcd_edge.export.sd_layout import read_json
 from abcd_edge.formats.manifest import sha256_file
 
 DEFAULT_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 1e-4,
@@ -45,16 +45,6 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return data
-
-
 def _weights_files(unet_dir: Path) -> list[str]:
     """The weights file(s) ``from_pretrained`` loads from ``unet_dir`` (relative names)."""
     st = unet_dir / f"{_WEIGHTS}.safetensors"
@@ -62,7 +52,7 @@ def _weights_files(unet_dir: Path) -> list[str]:
         return [st.name]
     index = unet_dir / f"{_WEIGHTS}.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         if shards and all((unet_dir / s).is_file() for s in shards):
             return shards
     binf = unet_dir / f"{_WEIGHTS}.bin"
@@ -179,7 +169,7 @@ def _resolve_folder(model: str) -> tuple[Path, Path | None, str, Path]:
     else:
         raise UserError(f"--model {model!r} is not a diffusers model folder (no config.json, no unet/config.json); "
                         f"accepted: {ACCEPTED_MODELS}")
-    unet_config = _read_json(unet_dir / "config.json")
+    unet_config = read_json(unet_dir / "config.json")
     cls = unet_config.get("_class_name")
     if cls != "UNet2DModel":
         raise UserError(f"--model {model!r}: {unet_dir / 'config.json'} describes {cls or 'no _class_name'}, "
@@ -201,7 +191,7 @@ def _refuse_latent(model: str, root: Path, unet_dir: Path, unet_config: dict) ->
     vae = None
     if root != unet_dir:
         index = root / "model_index.json"
-        listed = _read_json(index) if index.is_file() else {}
+        listed = read_json(index) if index.is_file() else {}
         vae = next((name for name in ("vqvae", "vae") if listed.get(name)
                     or (root / name / "config.json").is_file()), None)
     if vae is not None:
@@ -248,7 +238,7 @@ def load_model(model: str) -> LoadedModel:
     if files[0].endswith(".bin"):
         notes.append("weights read from a pickle .bin (no safetensors); source_hash is over the .bin")
     if sched_path is not None:
-        sc = _read_json(sched_path)
+        sc = read_json(sched_path)
         sched_source = f"{sched_path.parent.name}/{sched_path.name} of the model folder"
     else:
         sc = dict(DEFAULT_SCHEDULER)

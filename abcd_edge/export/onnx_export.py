@@ -68,17 +68,19 @@ def torch_inputs(loaded: LoadedModel, resolution: int, batch: int, seed: int = 0
     return tuple(args)
 
 
-def export_onnx(module, args, path: Path, input_names: list[str], opset: int, external: bool) -> str:
-    """torch -> ONNX at ``path`` (weights in ``path.name + '.data'`` when ``external``); returns the exporter used."""
+def export_onnx(module, args, path: Path, input_names: list[str], opset: int, external: bool,
+                output_names: tuple[str, ...] | list[str] = ("prediction",)) -> str:
+    """torch -> ONNX at ``path`` with a dynamic batch axis on every input and output (weights in
+    ``path.name + '.data'`` beside it when ``external``); the TorchScript exporter first, dynamo when it
+    fails. Returns the exporter used; both failing is one ExportError naming each one's first line."""
     import onnx
     import torch
 
+    out_names = list(output_names)
     scratch = path.parent / f".{path.name}.trace"
-    scratch.mkdir()
+    scratch.mkdir(parents=True)
     raw = scratch / path.name
-    dyn = {n: {0: "batch"} for n in input_names + ["prediction"]}
-    errors = []
-    used = None
+    errors, used = [], None
     try:
         for dynamo in (False, True):
             try:
@@ -86,16 +88,13 @@ def export_onnx(module, args, path: Path, input_names: list[str], opset: int, ex
                     warnings.simplefilter("ignore")
                     if not dynamo:
                         torch.onnx.export(module, args, str(raw), dynamo=False, input_names=input_names,
-                                          output_names=["prediction"], dynamic_axes=dyn, opset_version=opset,
-                                          do_constant_folding=True)
+                                          output_names=out_names, opset_version=opset, do_constant_folding=True,
+                                          dynamic_axes={n: {0: "batch"} for n in input_names + out_names})
                     else:
                         batch = torch.export.Dim("batch", min=1, max=4096)
-                        shapes = {"sample": {0: batch}, "timestep": {0: batch}}
-                        if len(args) > 2:
-                            shapes["class_labels"] = {0: batch}
                         torch.onnx.export(module, args, str(raw), dynamo=True, input_names=input_names,
-                                          output_names=["prediction"], dynamic_shapes=shapes,
-                                          opset_version=opset, external_data=True)
+                                          output_names=out_names, opset_version=opset, external_data=True,
+                                          dynamic_shapes=tuple({0: batch} for _ in args))
                 used = "torch.onnx.export(dynamo=True)" if dynamo else "torch.onnx.export(dynamo=False)"
                 break
             except Exception as exc:  # noqa: BLE001 - unsupported op or opset: try the other exporter
@@ -103,14 +102,16 @@ def export_onnx(module, args, path: Path, input_names: list[str], opset: int, ex
                 for f in scratch.iterdir():
                     f.unlink()
         if used is None:
-            raise ExportError(f"ONNX export failed at opset {opset}: " + "; ".join(errors))
+            raise ExportError(f"ONNX export failed at opset {opset} ({path.parent.name}/{path.name}): "
+                              + "; ".join(errors))
         m = onnx.load(str(raw))  # pulls in any external data the exporter wrote
-        for f in (path, path.parent / (path.name + ".data")):
+        data = path.parent / (path.name + ".data")
+        for f in (path, data):
             if f.exists():
                 f.unlink()
         if external:
             onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
+                            location=data.name, size_threshold=1024)
         else:
             onnx.save_model(m, str(path))
     finally:

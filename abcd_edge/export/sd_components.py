@@ -7,10 +7,6 @@ are imported inside functions.
 """
 from __future__ import annotations
 
-import contextlib
-import shutil
-import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,56 +157,6 @@ def decoder_component(name: str, vae, folder: str, channels: int, latent: int, i
 
 
 # ==================================================================================== ONNX
-def export_component_onnx(module, args: tuple, path: Path, inputs: list[dict], outputs: list[dict], opset: int,
-                          external: bool) -> str:
-    """torch -> ONNX at ``path`` with a dynamic batch axis on every input and output (weights in
-    ``model.onnx.data`` beside it when ``external``); returns the exporter used."""
-    import onnx
-    import torch
-
-    in_names = [i["name"] for i in inputs]
-    out_names = [o["name"] for o in outputs]
-    scratch = path.parent / f".{path.name}.trace"
-    scratch.mkdir(parents=True)
-    raw = scratch / path.name
-    errors, used = [], None
-    try:
-        for dynamo in (False, True):
-            try:
-                with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
-                    warnings.simplefilter("ignore")
-                    if not dynamo:
-                        torch.onnx.export(module, args, str(raw), dynamo=False, input_names=in_names,
-                                          output_names=out_names, opset_version=opset, do_constant_folding=True,
-                                          dynamic_axes={n: {0: "batch"} for n in in_names + out_names})
-                    else:
-                        batch = torch.export.Dim("batch", min=1, max=4096)
-                        torch.onnx.export(module, args, str(raw), dynamo=True, input_names=in_names,
-                                          output_names=out_names, opset_version=opset, external_data=True,
-                                          dynamic_shapes=tuple({0: batch} for _ in args))
-                used = "torch.onnx.export(dynamo=True)" if dynamo else "torch.onnx.export(dynamo=False)"
-                break
-            except Exception as exc:  # noqa: BLE001 - an unsupported op: try the other exporter
-                errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {first_line(exc)}")
-                for f in scratch.iterdir():
-                    f.unlink()
-        if used is None:
-            raise ExportError(f"ONNX export of {path.parent.name} failed at opset {opset}: " + "; ".join(errors))
-        m = onnx.load(str(raw))
-        data = path.parent / (path.name + ".data")
-        for f in (path, data):
-            if f.exists():
-                f.unlink()
-        if external:
-            onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data.name, size_threshold=1024)
-        else:
-            onnx.save_model(m, str(path))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return used
-
-
 def torch_run(module, feed: dict, names: list[str]) -> np.ndarray:
     import torch
 
@@ -231,7 +177,7 @@ def export_and_check(comp: Component, tmp: Path, opset: int, external_bytes: int
     import torch
 
     from abcd_edge.export.flops import count_flops
-    from abcd_edge.export.onnx_export import ort_session, torch_flops
+    from abcd_edge.export.onnx_export import export_onnx, ort_session, torch_flops
 
     folder = tmp / comp.name
     folder.mkdir()
@@ -245,7 +191,8 @@ def export_and_check(comp: Component, tmp: Path, opset: int, external_bytes: int
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"the {comp.name} does not run in torch at the exported shapes: {first_line(exc)}") from None
     external = comp.weight_bytes > external_bytes
-    exporter = export_component_onnx(comp.module, args, path, comp.inputs, comp.outputs, opset, external)
+    exporter = export_onnx(comp.module, args, path, [i["name"] for i in comp.inputs], opset, external,
+                           output_names=[o["name"] for o in comp.outputs])
     session = ort_session(path, threads)
     outs, refs, worst = [], [], (0.0, None)
     for b in comp.batches:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import random
 import subprocess
 import sys
@@ -370,8 +371,11 @@ def test_soak_2000_requests_flat_memory_never_late(server):
     # load average at 4-6 from other jobs on this shared 2-core VM, 0-2 per ~1,400 answers were seen: the
     # scheduler delaying the runtime's guard, or the work after the image (PNG, hand-back to the event loop)
     # beyond the 99th percentile of the last 256. Allowed: 0.2 % of the answers.
+    # The server counts an answer late when it is ready, its body built; the latency_ms inside the body is
+    # taken just before that: every answer late by the body's figure is late by the server's count too.
     late = [(a.latency_ms, a.queue_wait_ms, a.extra) for a in ok if a.latency_ms > a.budget_ms]
-    assert after["late"] - before["late"] == len(late) <= len(ok) // 500, (late, after["overhead_ms"])
+    server_late = after["late"] - before["late"]
+    assert len(late) <= server_late <= math.ceil(0.002 * len(ok)), (late, server_late, after["overhead_ms"])
     delta = {k: after[k] - before[k] for k in ("accepted", "refused", "completed", "dropped", "failed")}
     assert delta["completed"] == len(ok) and delta["failed"] == 0
     assert delta["accepted"] + delta["refused"] == 2000 and delta["accepted"] == len(ok) + delta["dropped"]

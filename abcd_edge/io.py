@@ -92,3 +92,25 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def read_utf8_text(path: str | Path, flag: str) -> str:
+    """A user's text file (a prompt, a prompt list), or a one-line error naming ``flag``: missing, unreadable
+    or not UTF-8 (with the first bad byte)."""
+    from abcd_edge.errors import UserError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{flag} {str(path)!r} does not exist")
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{flag} {str(path)!r} is not UTF-8 text (byte {exc.start}: "
+                        f"{exc.object[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{flag} {str(path)!r} cannot be read ({exc.strerror})") from None
+
+
+def read_prompt_lines(path: str | Path, flag: str) -> list[str]:
+    """One prompt per non-empty line (surrounding spaces stripped) of a UTF-8 file."""
+    return [line.strip() for line in read_utf8_text(path, flag).splitlines() if line.strip()]

@@ -106,6 +106,23 @@ class FeatureNet:
         return self.features(to_uint8(np.asarray(x)), batch=batch)
 
 
+def fit_images(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 NHWC images to ``height`` x ``width`` by an integer factor: box average down, pixel repeat up;
+    other ratios are refused (a feature network must not see interpolation artefacts it was not trained on)."""
+    n, h, w, c = images.shape
+    if (h, w) == (height, width):
+        return images
+    if h % height == 0 and w % width == 0 and h // height == w // width:
+        f = h // height
+        x = images.reshape(n, height, f, width, f, c).astype(np.float32).mean(axis=(2, 4))
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    if height % h == 0 and width % w == 0 and height // h == width // w:
+        f = height // h
+        return images.repeat(f, axis=1).repeat(f, axis=2)
+    raise UserError(f"images of {h}x{w} cannot be fitted to the feature network's {height}x{width} input "
+                    "(only integer scale factors are)")
+
+
 # --------------------------------------------------------------------------- FID / KID
 
 def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
@@ -229,8 +246,11 @@ class ReferenceStats:
     _root: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)  # sigma^1/2, once
 
     @staticmethod
-    def cache_path(seed: int, n: int, cache_dir: str | Path = FEATURENET_DIR) -> Path:
-        return Path(cache_dir) / f"reference_{seed}_{n}.npz"
+    def cache_path(seed: int, n: int, cache_dir: str | Path = FEATURENET_DIR, resolution: int | None = None) -> Path:
+        """``reference_<seed>_<n>.npz``; images of another size than the net's input (fitted to it,
+        ``fit_images``) get ``_r<resolution>`` in the name."""
+        tag = f"_r{resolution}" if resolution is not None else ""
+        return Path(cache_dir) / f"reference_{seed}_{n}{tag}.npz"
 
     @classmethod
     def load_or_compute(cls, seed: int, n: int, net: FeatureNet | None = None,
@@ -239,19 +259,19 @@ class ReferenceStats:
         """Load ``reference_<seed>_<n>.npz`` if it matches this feature net, else compute and cache it.
 
         Computing needs the reference images: ``images(seed, n, resolution)`` -> uint8 NHWC (the demo's
-        procedural generator, ``abcd_edge.demo.data.make_images``). The library never imports the demo,
+        procedural generator, ``abcd_edge.demo.data.make_images``), fitted to the net's input size. The library never imports the demo,
         so without ``images`` a missing cache is refused with the command that makes it."""
         net = net or FeatureNet()
         cache_dir = Path(cache_dir) if cache_dir is not None else FEATURENET_DIR
-        path = cls.cache_path(seed, n, cache_dir)
+        path = cls.cache_path(seed, n, cache_dir, None if resolution == net.height else resolution)
         cached = cls._load(path, seed, n, resolution, net.sha256)
         if cached is not None:
             return cached
         if images is None:
             raise UserError(f"reference statistics {str(path)!r} are missing or were made with another feature net; "
                             f"make them with `python -m abcd_edge.demo.reference --seed {seed} --n {n} "
-                            f"--resolution {resolution}`")
-        feats = net.features(images(seed, n, resolution), batch=batch)
+                            f"--resolution {resolution} --featurenet {cache_dir}`")
+        feats = net.features(fit_images(images(seed, n, resolution), net.height, net.width), batch=batch)
         mu, sigma = mean_cov(feats)
         stats = cls(seed, n, resolution, mu, sigma, feats.astype(np.float32), net.sha256)
         stats.save(path)

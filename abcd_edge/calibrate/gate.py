@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from abcd_edge.calibrate.state import CalibrationState
-from abcd_edge.core.placement import STATIC_PLACEMENTS
 from abcd_edge.formats.controller import Gate
 from abcd_edge.io import atomic_path
 
@@ -26,16 +25,15 @@ RESAMPLES = 200
 
 def schedules_for(state: CalibrationState, sampler: str, n: int) -> dict[str, np.ndarray]:
     """The generator's placement for n steps (the context of the first profile at the budget n steps need)
-    and every static placement."""
-    from abcd_edge.core.placement import static_placement
+    and every static placement (``state.static_kinds``)."""
     from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS
 
     prof = state.profiles[0]
-    ctx = state.context(prof.cost_model(sampler).budget_for(n), prof, 1.0)
+    ctx = state.context(prof.budget_for(sampler, n), prof, 1.0)
     out = {"learned": state.numpy_controller().plan_sigmas(ctx, SAMPLER_DESCRIPTORS[sampler], n,
                                                            state.schedule.sigma_max)}
-    for kind in STATIC_PLACEMENTS:
-        out[kind] = static_placement(kind, state.schedule).plan(n)[0]
+    for kind in state.static_kinds:
+        out[kind] = state.static_sigmas(kind, sampler, n)
     return out
 
 
@@ -55,7 +53,8 @@ def static_cache_path(state: CalibrationState, sampler: str, sigmas: np.ndarray)
     from abcd_edge.paths import user_cache_dir
 
     key = hashlib.sha256(json.dumps([state.manifest_hash, state.evaluation_net.sha256, sampler, HELDOUT_SEED,
-                                     state.cfg.gate_noises, [round(float(s), 9) for s in sigmas]]).encode())
+                                     state.cfg.gate_noises, [round(float(s), 9) for s in sigmas],
+                                     state.conditions]).encode())
     return user_cache_dir() / "gate" / f"{key.hexdigest()[:32]}.npy"
 
 
@@ -69,7 +68,7 @@ def features_of(state: CalibrationState, sampler: str, sigmas: np.ndarray, noise
             return np.load(path, allow_pickle=False)
         except (OSError, ValueError):
             pass
-    feats = state.evaluation_net.features_model_space(state.run_ort(sampler, sigmas, noises))
+    feats = state.rollouts.features(state.evaluation_net, state.x0(sampler, sigmas, noises, "heldout"))
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +86,7 @@ def judge(state: CalibrationState, sampler: str, schedules: dict[str, np.ndarray
     ref = state.evaluation_reference
     row = {}
     for name, sig in schedules.items():
-        feats = features_of(state, sampler, sig, noises, cached=name in STATIC_PLACEMENTS)
+        feats = features_of(state, sampler, sig, noises, cached=name in state.static_kinds)
         row[name] = {"fid": ref.fid_to_reference(feats), "kid": feature_kid(feats, ref.features).mean,
                      "sigmas": [float(s) for s in sig], "_feats": feats}
     return row
@@ -106,7 +105,7 @@ def run_gate(state: CalibrationState, searched: dict) -> tuple[Gate, dict]:
                 scheds = schedules_for(state, sampler, n)
                 scheds["searched"] = np.asarray(searched[sampler][str(n)]["sigmas"])
                 row = judge(state, sampler, scheds, noises)
-                best = min(STATIC_PLACEMENTS, key=lambda k: row[k]["fid"])
+                best = min(state.static_kinds, key=lambda k: row[k]["fid"])
                 ci = paired_ci(state.evaluation_reference, row["learned"]["_feats"], row[best]["_feats"],
                                np.random.default_rng(HELDOUT_SEED + n))
                 decision = "learned" if ci[1] < 0 else best
@@ -135,8 +134,6 @@ def exit_behaviour(state: CalibrationState, gate: Gate, table: dict, fit_steps=(
                    rhos=(0.3, 0.5, 0.8, 1.0)) -> dict:
     """What rho's exit rule does on held-out noises (first sampler): steps taken and feature-FID kept
     against rho = 1, for plans of ``fit_steps`` steps (the gate table's figures where it has them)."""
-    from abcd_edge.core.placement import static_placement
-
     sampler = state.cfg.samplers[0]
     noises = held_out_noises(state)
     measured: dict[int, float] = {int(n): row[row["decision"]]["fid"] for n, row in table[sampler].items()}
@@ -145,7 +142,7 @@ def exit_behaviour(state: CalibrationState, gate: Gate, table: dict, fit_steps=(
         if n not in measured:
             kind = gate.placement(sampler, n)
             sig = (schedules_for(state, sampler, n)["learned"] if kind == "learned"
-                   else static_placement(kind, state.schedule).plan(n)[0])
+                   else state.static_sigmas(kind, sampler, n))
             measured[n] = judge(state, sampler, {kind: sig}, noises)[kind]["fid"]
         return measured[n]
 

@@ -37,7 +37,7 @@ def write(state: CalibrationState, report: dict, gate: Gate, ays: dict | None) -
                           cost_backends=sorted({p.backend for p in state.profiles}),
                           n_parameters=state.spec.n_parameters(),
                           created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                          gate=gate.to_json())
+                          gate=gate.to_json(), conditions=state.conditions)
     with atomic_dir(state.out) as tmp:
         save_file(state.model.numpy_weights(), str(tmp / "controller.safetensors"))
         (tmp / "controller.json").write_text(json.dumps(asdict(meta), indent=2) + "\n")
@@ -128,21 +128,24 @@ def plot_curves(state: CalibrationState, report: dict, path: Path) -> None:
 
 def gate_markdown(report: dict) -> str:
     """gate.md: the gate table (held-out noises, evaluation network) and the exit rule's behaviour."""
-    from abcd_edge.core.placement import STATIC_PLACEMENTS
+    from abcd_edge.core.placement import DIFFUSERS_PLACEMENT, STATIC_PLACEMENTS
 
+    titles = {"uniform": "time-uniform", "karras": "Karras", "logsnr": "log-SNR",
+              DIFFUSERS_PLACEMENT: "the model's own (diffusers)"}
+    rows = [(sampler, n, row) for sampler, table in report["gate"].items() for n, row in table.items()]
+    kinds = [k for k in (*STATIC_PLACEMENTS, DIFFUSERS_PLACEMENT) if rows and k in rows[0][2]]
     lines = ["# The gate: feature-FID on held-out noises, evaluation network", "",
              f"{report['config']['gate_noises']} held-out noises (fixed seed), evaluation net sha256 "
              f"{report['feature_nets']['evaluation'][:12]}; the search optimised net "
              f"{report['feature_nets']['calibration'][:12]} on {report['config']['search_noises']} training noises "
              f"(seed {report['config']['seed']}). CI: 95 % paired bootstrap of FID(generator) - FID(best static).",
-             "", "| sampler | n | generator | searched | time-uniform | Karras | log-SNR | generator / best static "
-             "| CI of the difference | used |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for sampler, rows in report["gate"].items():
-        for n, row in rows.items():
-            statics = " | ".join(f"{row[k]['fid']:.2f}" for k in STATIC_PLACEMENTS)
-            ci = row["fid_minus_best_static_ci95"]
-            lines.append(f"| {sampler} | {n} | {row['learned']['fid']:.2f} | {row['searched']['fid']:.2f} | {statics} "
-                         f"| {row['ratio_to_best_static']:.2f}x | [{ci[0]:.2f}, {ci[1]:.2f}] | {row['decision']} |")
+             "", "| sampler | n | generator | searched | " + " | ".join(titles[k] for k in kinds)
+             + " | generator / best static | CI of the difference | used |", "|---" * (7 + len(kinds)) + "|"]
+    for sampler, n, row in rows:
+        statics = " | ".join(f"{row[k]['fid']:.2f}" for k in kinds)
+        ci = row["fid_minus_best_static_ci95"]
+        lines.append(f"| {sampler} | {n} | {row['learned']['fid']:.2f} | {row['searched']['fid']:.2f} | {statics} "
+                     f"| {row['ratio_to_best_static']:.2f}x | [{ci[0]:.2f}, {ci[1]:.2f}] | {row['decision']} |")
     lines += ["", "## The exit rule (first sampler, held-out noises)", "",
               "| plan that fits | rho | steps | steps / full | feature-FID | FID / full |", "|---|---|---|---|---|---|"]
     for key, row in report["exit_behaviour"].items():

@@ -23,9 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from abcd_edge.core.loop import sample
 from abcd_edge.core.noise import NoiseSchedule
-from abcd_edge.core.samplers import make_sampler
 
 MIN_GAP = 0.05                     # smallest log-sigma gap between consecutive steps
 DELTAS = (0.6, 0.3, 0.15, 0.075)   # coordinate moves in log-sigma, one pass each
@@ -67,23 +65,18 @@ class MemoDenoiser:
 class FeatureObjective:
     """Feature-FID of a schedule's images from fixed noises against reference statistics (lower is better)."""
 
+    rollouts: Any                    # runtime.rollout.Rollouts (x0 and images as the runtime makes them)
     denoiser: Callable[..., np.ndarray]
-    schedule: NoiseSchedule
-    prediction_type: str
     sampler: str
     noises: np.ndarray
     featurenet: Any                  # quality.FeatureNet (the calibration network)
     reference: Any                   # quality.ReferenceStats of that network
     evaluations: int = 0
 
-    def images(self, sigmas: np.ndarray) -> np.ndarray:
-        smp = make_sampler(self.sampler, self.schedule, np.asarray(sigmas, np.float64), self.prediction_type)
-        x0, _ = sample(self.denoiser, smp, self.noises)
-        return np.asarray(x0, np.float32)
-
     def __call__(self, sigmas: np.ndarray) -> float:
         self.evaluations += 1
-        return self.reference.fid_to_reference(self.featurenet.features_model_space(self.images(sigmas)))
+        x0 = self.rollouts.x0(self.sampler, sigmas, self.noises, self.denoiser)
+        return self.reference.fid_to_reference(self.rollouts.features(self.featurenet, x0))
 
 
 @dataclass
@@ -139,13 +132,16 @@ def coordinate_search(objective: Callable[[np.ndarray], float], start: np.ndarra
     return SearchResult(np.exp(best), best_score, start_score, evaluations, history)
 
 
-def starting_points(schedule: NoiseSchedule, n: int, previous: np.ndarray | None) -> dict[str, np.ndarray]:
+def starting_points(schedule: NoiseSchedule, n: int, previous: np.ndarray | None,
+                    own: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Where a search for n steps may start: the time-uniform and log-SNR schedules (Karras' never scored
-    best in our runs), and the previous step count's result stretched to n steps (linear in log-sigma over
-    the step index)."""
-    from abcd_edge.core.placement import logsnr_uniform_sigmas, time_uniform_sigmas
+    best in our runs), a pipeline's ``own`` (its diffusers scheduler's), and the previous step count's result
+    stretched to n steps (linear in log-sigma over the step index)."""
+    from abcd_edge.core.placement import DIFFUSERS_PLACEMENT, logsnr_uniform_sigmas, time_uniform_sigmas
 
     starts = {"uniform": time_uniform_sigmas(schedule, n), "logsnr": logsnr_uniform_sigmas(schedule, n)}
+    if own is not None:
+        starts[DIFFUSERS_PLACEMENT] = own
     if previous is not None and len(previous) >= 2:
         logs = np.log(previous)
         starts["previous"] = np.exp(np.interp(np.linspace(0, len(logs) - 1, n), np.arange(len(logs)), logs))
@@ -159,6 +155,7 @@ def search_schedules(state) -> dict[str, dict[str, dict]]:
     each search starts from the best of :func:`starting_points`."""
     import json
 
+    from abcd_edge.core.placement import DIFFUSERS_PLACEMENT
     from abcd_edge.io import atomic_path
 
     cfg = state.cfg
@@ -166,18 +163,20 @@ def search_schedules(state) -> dict[str, dict[str, dict]]:
     table: dict = json.loads(f.read_text()) if f.exists() else {}
     noises = np.random.default_rng(cfg.seed + 100).standard_normal(
         (cfg.search_noises, *state.shape)).astype(np.float32)
-    denoiser = MemoDenoiser(state.ort)
+    denoiser = MemoDenoiser(state.denoiser("train", len(noises)))
     lo, hi = state.spec.log_sigma_min, float(np.log(state.schedule.sigma_max))
     todo = [(s, n) for s in cfg.samplers for n in cfg.steps_for(s)]
     bar = state.bar(len(todo), "search")
     for sampler in cfg.samplers:
-        objective = FeatureObjective(denoiser, state.schedule, state.manifest.prediction_type, sampler, noises,
-                                     state.calibration_net, state.calibration_reference)
+        objective = FeatureObjective(state.rollouts, denoiser, sampler, noises, state.calibration_net,
+                                     state.calibration_reference)
         previous = None
         for n in cfg.steps_for(sampler):
             done = table.get(sampler, {}).get(str(n))
             if done is None:
-                starts = {k: v for k, v in starting_points(state.schedule, n, previous).items()
+                own = (state.static_sigmas(DIFFUSERS_PLACEMENT, sampler, n)
+                       if DIFFUSERS_PLACEMENT in state.static_kinds else None)
+                starts = {k: v for k, v in starting_points(state.schedule, n, previous, own).items()
                           if feasible(np.log(v), lo, hi)}
                 scores = {name: objective(sig) for name, sig in starts.items()}
                 first = min(scores, key=scores.get)

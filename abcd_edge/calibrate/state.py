@@ -41,9 +41,14 @@ CAPPED_STEPS = (1, 2, 3, 4, 6, 8)                   # the first sampler's over a
 DEFAULT_SAMPLERS = ("ddim", "dpmpp-2m", "euler")
 
 
-def default_samplers(prediction_type: str) -> tuple[str, ...]:
-    """``--samplers default``: the consistency sampler for a consistency model, else DDIM, DPM++(2M), Euler."""
-    return ("consistency",) if prediction_type == "consistency" else DEFAULT_SAMPLERS
+def default_samplers(manifest: Manifest) -> tuple[str, ...]:
+    """``--samplers default``: the consistency sampler for a consistency model, a pipeline's own scheduler's
+    sampler (what its runtime steps by default), else DDIM, DPM++(2M), Euler."""
+    from abcd_edge.core.samplers import natural_sampler
+
+    if manifest.prediction_type == "consistency" or manifest.pipeline is not None:
+        return (natural_sampler(manifest.prediction_type, manifest.scheduler_config),)
+    return DEFAULT_SAMPLERS
 
 
 @dataclass
@@ -66,7 +71,8 @@ class CalibrationConfig:
     seed: int = 0
     calibration_net: str = str(paths.FEATURENET_DIR)   # what the search optimises (feature net folder)
     evaluation_net: str = str(paths.EVALNET_DIR)       # what judges: never optimised against
-
+    prompts: str | None = None     # a text-to-image pipeline's prompt file (every other line held out)
+    guidance: float | None = None  # ... and its guidance scale (default: the artifact's)
 
     def steps_for(self, sampler: str) -> tuple[int, ...]:
         """The step counts searched, fitted and gated for ``sampler``."""
@@ -94,13 +100,17 @@ class CalibrationProfile:
     name: str
     backend: str
     batch: BatchProfile
+    encode_ms: float = 0.0    # a text-to-image pipeline's prompt encoding at its tail (inside every request)
 
     @classmethod
     def load(cls, path: Path, manifest_hash: str) -> "CalibrationProfile":
         from abcd_edge.formats.profile import load_profile
 
         prof = load_profile(path, manifest_hash)
-        return cls(name=Path(path).stem, backend=prof.backend, batch=prof.for_batch(1))
+        # a pipeline profile's batch 1 is the step at the default guidance and the VAE decode as finishing
+        encode = prof.pipeline.components.get("text_encoder") if prof.pipeline is not None else None
+        return cls(name=Path(path).stem, backend=prof.backend, batch=prof.for_batch(1),
+                   encode_ms=encode.latency.p99_ms if encode is not None else 0.0)
 
     @property
     def flops_per_s(self) -> float:
@@ -118,6 +128,11 @@ class CalibrationProfile:
         """The runtime's cost model for this profile and sampler (correction 1, no observed tail; the
         controller decides nothing per step, so no decision time is charged)."""
         return CostModel.from_profile(self.batch, sampler)
+
+    def budget_for(self, sampler: str, n: int) -> float:
+        """The budget a request needs for n steps here: the steps and finishing (a pipeline: the decode) at
+        the cost model's level, plus the prompt encoding."""
+        return self.cost_model(sampler).budget_for(n) + self.encode_ms
 
     def steps_that_fit(self, budget_ms: float, sampler: str, cap: int | None = None) -> int:
         """How many steps a static plan fits in ``budget_ms``: the cost model's answer at the tail."""
@@ -165,6 +180,21 @@ def check_inputs(config: CalibrationConfig, profiles: list[Path]) -> None:
         raise UserError("calibration needs at least one --profile (measured with `abcd-edge profile`)")
 
 
+def check_prompts(artifact: Path, manifest: Manifest, prompts, guidance: float | None) -> None:
+    """Prompts (and guidance) for a text-to-image pipeline, and only there, before anything is opened."""
+    comps = (manifest.pipeline or {}).get("components", {})
+    given = [f for f, v in (("--prompts", prompts), ("--guidance", guidance)) if v is not None]
+    if manifest.pipeline is None and given:
+        raise UserError(f"{', '.join(given)}: artifact {str(artifact)!r} is a pixel-space {manifest.model_kind} "
+                        "model, which takes no prompts or guidance (only text-to-image pipeline artifacts do)")
+    if manifest.pipeline is not None and "text_encoder" not in comps and given:
+        raise UserError(f"{', '.join(given)}: artifact {str(artifact)!r} is an unconditional latent pipeline "
+                        "(no text encoder), which takes no prompts or guidance")
+    if "text_encoder" in comps and prompts is None:
+        raise UserError(f"artifact {str(artifact)!r} is a text-to-image pipeline: calibration needs --prompts FILE "
+                        "(one prompt per line; every other line is held out for the gate)")
+
+
 def check_steps(config: CalibrationConfig, prediction_type: str) -> None:
     """Refuse step counts below 1, or above what the runtime plans for a sampler over this model
     (``core.samplers.max_steps``: 8 over a consistency model, whatever the sampler)."""
@@ -194,7 +224,8 @@ class CalibrationState:
     profile_paths: list[str]
     schedule: NoiseSchedule
     spec: ControllerSpec
-    ort: Any                       # the ONNX Runtime denoiser
+    rollouts: Any                  # runtime.rollout.Rollouts: noise -> x0 -> images as the runtime makes them
+    prompts: Any                   # runtime.rollout.PromptSets of a text-to-image pipeline, else None
     unet: Any                      # the frozen torch UNet (the AYS-like baseline only; else None)
     calibration_net: Any           # quality.FeatureNet the search optimises in ...
     calibration_reference: Any     # ... against these reference statistics
@@ -213,8 +244,8 @@ class CalibrationState:
         seed torch and numpy."""
         import torch
 
+        from abcd_edge.runtime.rollout import PromptSets, Rollouts
         from abcd_edge.calibrate.torch_model import torch_controller
-        from abcd_edge.device.backends import open_denoiser
         from abcd_edge.formats.manifest import load_manifest, manifest_hash
         from abcd_edge.quality import FeatureNet, ReferenceStats
 
@@ -222,6 +253,11 @@ class CalibrationState:
         artifact, out = Path(artifact), Path(out)
         manifest = load_manifest(artifact)
         check_steps(config, manifest.prediction_type)
+        if config.ays and manifest.pipeline is not None:
+            raise UserError("--ays: the AYS-like baseline trains through the torch pixel-space UNet; a latent "
+                            "pipeline artifact is calibrated without it")
+        prompts = PromptSets.from_file(config.prompts) if config.prompts is not None else None
+        check_prompts(artifact, manifest, prompts, config.guidance)
         mh = manifest_hash(artifact)
         loaded = [CalibrationProfile.load(Path(p), mh) for p in profiles]
         schedule = NoiseSchedule.from_config(manifest.scheduler_config)
@@ -229,25 +265,25 @@ class CalibrationState:
         # the order below fixes torch's random stream (the controller's initial weights come last)
         torch.manual_seed(config.seed)
         torch.set_num_threads(config.threads)
-        ort = open_denoiser(artifact, threads=config.threads)
+        rollouts = Rollouts.open(artifact, manifest, schedule, config.threads, config.guidance)
         if config.ays and unet is None:
             unet = load_torch_unet(manifest)
         cal_net = FeatureNet(config.calibration_net, threads=config.threads)
         eval_net = FeatureNet(config.evaluation_net, threads=config.threads)
         ckpt = _checkpoint_folder(out, dict(asdict(config), manifest_hash=mh, profiles=[
-            sha256_file(p) for p in profiles]))
+            sha256_file(p) for p in profiles], prompts=sha256_file(config.prompts) if prompts else None))
         rng = np.random.default_rng(config.seed)
         return cls(artifact=artifact, out=out, cfg=config, progress=progress, manifest=manifest, manifest_hash=mh,
                    profiles=loaded, profile_paths=[str(p) for p in profiles], schedule=schedule, spec=spec,
-                   ort=ort, unet=unet,
+                   rollouts=rollouts, prompts=prompts, unet=unet,
                    calibration_net=cal_net,
                    calibration_reference=ReferenceStats.load_or_compute(
                        paths.CALIBRATION_REF_SEED, paths.REF_N, cal_net, cache_dir=config.calibration_net,
-                       resolution=manifest.resolution),
+                       resolution=rollouts.image_resolution),
                    evaluation_net=eval_net,
                    evaluation_reference=ReferenceStats.load_or_compute(
                        paths.EVAL_REF_SEED, paths.REF_N, eval_net, cache_dir=config.evaluation_net,
-                       resolution=manifest.resolution),
+                       resolution=rollouts.image_resolution),
                    ckpt=ckpt, rng=rng, model=torch_controller(spec))
 
     # ------------------------------------------------------------------------------- helpers
@@ -288,13 +324,35 @@ class CalibrationState:
         """c = [log B, log F, rho]."""
         return context_vector(budget_ms, profile.flops_per_s, rho)
 
-    def run_ort(self, sampler_name: str, sigmas, noise: np.ndarray) -> np.ndarray:
-        """The x0 after every step of a fixed schedule through ONNX Runtime (the one loop)."""
-        from abcd_edge.core.loop import sample
-        from abcd_edge.core.samplers import make_sampler
+    def denoiser(self, split: str, n: int):
+        """The step function over ``n`` noise rows of ``split`` ("train": the search's; "heldout": the
+        gate's), a text-to-image pipeline's rows guided by that split's prompts."""
+        return self.rollouts.denoiser(self.prompts.rows(split, n) if self.prompts is not None else None)
 
-        smp = make_sampler(sampler_name, self.schedule, np.asarray(sigmas), self.manifest.prediction_type)
-        return np.asarray(sample(self.ort, smp, noise)[0], np.float32)
+    def x0(self, sampler_name: str, sigmas, noises: np.ndarray, split: str) -> np.ndarray:
+        """The x0 after every step of a fixed schedule (the one loop) from the ``split`` noises."""
+        return self.rollouts.x0(sampler_name, sigmas, noises, self.denoiser(split, len(noises)))
+
+    @property
+    def conditions(self) -> dict:
+        """What the controller's placements were calibrated under (``ControllerMeta.conditions``)."""
+        return self.rollouts.conditions(self.prompts.source if self.prompts is not None else None)
+
+    @property
+    def static_kinds(self) -> tuple[str, ...]:
+        """The static placements the generator competes with: the fixed rules, and for a pipeline the
+        timesteps of its own diffusers scheduler (what the runtime steps without a controller)."""
+        from abcd_edge.core.placement import DIFFUSERS_PLACEMENT, STATIC_PLACEMENTS
+
+        return STATIC_PLACEMENTS + ((DIFFUSERS_PLACEMENT,) if self.manifest.pipeline is not None else ())
+
+    def static_sigmas(self, kind: str, sampler: str, n: int) -> np.ndarray:
+        """The sigmas of static placement ``kind`` for n steps of ``sampler``."""
+        from abcd_edge.core.placement import DIFFUSERS_PLACEMENT, TimestepPlacement, static_placement
+
+        if kind == DIFFUSERS_PLACEMENT:
+            return TimestepPlacement(self.schedule, self.manifest.scheduler_config, sampler).plan(n)[0]
+        return static_placement(kind, self.schedule).plan(n)[0]
 
     def anchor(self) -> np.ndarray:
         """The KL anchor of the weight generator: the density of 100 time-uniform steps (every train timestep

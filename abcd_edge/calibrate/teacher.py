@@ -32,7 +32,7 @@ def teacher(state: CalibrationState) -> TeacherData:
     rng = np.random.default_rng(cfg.seed + 200)
     noise_train = rng.standard_normal((cfg.train_noises, *state.shape)).astype(np.float32)
     sigmas = time_uniform_sigmas(state.schedule, teacher_steps(state))
-    data = TeacherData(noise_train, train={s: state.run_ort(s, sigmas, noise_train) for s in cfg.samplers})
+    data = TeacherData(noise_train, train={s: state.x0(s, sigmas, noise_train, "train") for s in cfg.samplers})
     with atomic_path(f) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, noise_train=data.noise_train, **{f"train_{s}": v for s, v in data.train.items()})
     return data

@@ -189,16 +189,9 @@ def _text_request(artifact, prompt, prompt_file, negative_prompt, guidance, deco
         raise UserError(f"{', '.join(text_given)}: artifact {str(artifact)!r} is an unconditional latent pipeline "
                         "(no text encoder), which takes no prompt or guidance")
     if prompt_file is not None:
-        path = Path(prompt_file)
-        if not path.is_file():
-            raise UserError(f"--prompt-file {prompt_file!r} does not exist")
-        try:
-            prompt = path.read_bytes().decode("utf-8").strip()
-        except UnicodeDecodeError as exc:
-            raise UserError(f"--prompt-file {prompt_file!r} is not UTF-8 text (byte {exc.start}: "
-                            f"{exc.object[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
-        except OSError as exc:
-            raise UserError(f"--prompt-file {prompt_file!r} cannot be read ({exc.strerror})") from None
+        from abcd_edge.io import read_utf8_text
+
+        prompt = read_utf8_text(prompt_file, "--prompt-file").strip()
     for flag, text in (("--prompt", prompt), ("--negative-prompt", negative_prompt)):
         try:
             (text or "").encode("utf-8")
@@ -312,7 +305,14 @@ def profile(artifact, backend, threads, power, precision, batch, runs, out, forc
               help="Device profile(s) of this artifact (repeat). Default: the committed profiles for it.")
 @click.option("--samplers", default="default", show_default=True,
               help="Comma list of ddim, dpmpp-2m, euler, consistency, euler-ancestral, lcm; default: consistency "
-                   "for a consistency model, else ddim,dpmpp-2m,euler.")
+                   "for a consistency model, a pipeline's own scheduler's (ddim, lcm, ...), else "
+                   "ddim,dpmpp-2m,euler.")
+@click.option("--prompts", default=None, type=click.Path(),
+              help="A text-to-image pipeline's calibration prompts, one per line (UTF-8): the search uses the odd "
+                   "lines, the gate judges on the even ones (held out).")
+@click.option("--guidance", default=None, type=float,
+              help="A text-to-image pipeline's guidance scale to calibrate at (default: the artifact's; the "
+                   "runtime uses the controller only for requests at this guidance).")
 @click.option("--out", default=None, type=click.Path(), help="Default: calibration/<artifact name>")
 @click.option("--iters", default=None, type=int, callback=at_least(1),
               help="Weight-generator fitting iterations (default 1500).")
@@ -336,16 +336,19 @@ def profile(artifact, backend, threads, power, precision, batch, runs, out, forc
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seed of the search's training noises and of the generator's fit (the gate's held-out "
                    "noises are fixed).")
-def calibrate(artifact, profiles, samplers, out, iters, cost_iters, search_noises, gate_noises, search_steps, ays,
-              calibration_net, evaluation_net, threads, seed) -> None:
+def calibrate(artifact, profiles, samplers, prompts, guidance, out, iters, cost_iters, search_noises, gate_noises,
+              search_steps, ays, calibration_net, evaluation_net, threads, seed) -> None:
     """Train the ABCD controller for an artifact: search schedules against the feature statistics, fit the
     weight generator to them, gate it against every static schedule on held-out noises (evaluation
-    network), and fit the cost predictor."""
+    network), and fit the cost predictor.
+
+    A text-to-image pipeline artifact is calibrated on its decoded images with --prompts (one per noise, held-out
+    prompts for the gate) at one guidance scale; its own scheduler's timesteps are among the static schedules
+    the generator must beat."""
     import dataclasses
 
     from abcd_edge.extras import CALIBRATE_MODULES, require
 
-    pixel_artifact_only(artifact, "calibrate")
     require("calibrate", "export", *CALIBRATE_MODULES, *(("diffusers",) if ays else ()))
     from abcd_edge.calibrate import CalibrationConfig, calibrate as run_calibration
     from abcd_edge.formats.manifest import load_manifest, manifest_hash
@@ -361,10 +364,9 @@ def calibrate(artifact, profiles, samplers, out, iters, cost_iters, search_noise
     from abcd_edge.calibrate.state import CAPPED_STEPS, check_steps, default_samplers
     from abcd_edge.core.samplers import max_steps
 
-    names = (default_samplers(manifest.prediction_type) if samplers == "default"
-             else tuple(s for s in samplers.split(",") if s))
+    names = (default_samplers(manifest) if samplers == "default" else tuple(s for s in samplers.split(",") if s))
     config = CalibrationConfig(samplers=names, threads=threads, seed=seed, ays=ays, calibration_net=calibration_net,
-                               evaluation_net=evaluation_net)
+                               evaluation_net=evaluation_net, prompts=prompts, guidance=guidance)
     cap = max_steps(names[0], manifest.prediction_type) if names else None
     if search_steps is None and cap is not None:   # plans stop at cap steps: search 1..cap
         config = dataclasses.replace(config, search_steps=tuple(n for n in CAPPED_STEPS if n <= cap))

@@ -96,7 +96,6 @@ def int_list(value: str, flag: str) -> tuple[int, ...]:
 
 # what each verb that takes only pixel-space artifacts says about a pipeline artifact (`pixel_artifact_only`)
 PIPELINE_NOT_YET = {
-    "calibrate": "calibration of pipeline artifacts is not implemented yet",
     "bench": "the bench grid needs a calibrated controller and calibration of pipeline artifacts is not "
              "implemented yet",
     "bench-runtime": "its bare-loop overhead and step-limit rows are defined for the pixel denoiser's loop; "

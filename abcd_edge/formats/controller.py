@@ -176,6 +176,9 @@ class ControllerMeta:
     # (a one-hot it never saw set) are out of range and the runtime uses the profile's tails
     cost_backends: list[str] = field(default_factory=list)
     gate: dict = field(default_factory=dict)   # Gate.to_json(); empty: no validated placements
+    # a pipeline's: what the placements were calibrated and validated under ({"guidance", "decoder",
+    # "prompts"}); the runtime uses them for requests with that guidance only
+    conditions: dict = field(default_factory=dict)
 
 
 class Controller:

@@ -97,14 +97,16 @@ def budget_in_ms(budget: Budget, bp: BatchProfile, profile_name: str, meter: str
 
 
 def choose_placement(kind: str, schedule: NoiseSchedule, controller, context: list[float] | None,
-                     sampler: str, n: int, scheduler_config: dict | None = None) -> Placement:
+                     sampler: str, n: int, scheduler_config: dict | None = None,
+                     fallback: str = "uniform") -> Placement:
     """The step placement for n steps: with "auto", what the controller's gate validated for (sampler, n)
-    (its generator, or the best static rule; uniform without a controller or a gate for the sampler);
-    "controller" forces the generator; a static kind is that fixed rule."""
+    (its generator, or the best static rule; ``fallback`` without a controller or a gate for (sampler, n):
+    uniform, or a pipeline's own diffusers timesteps); "controller" forces the generator; a static kind is
+    that fixed rule."""
     if kind == "auto":
         gate = controller.gate if controller is not None else None
         validated = gate.placement(sampler, n) if gate is not None else None
-        kind = "controller" if validated == "learned" else (validated or "uniform")
+        kind = "controller" if validated == "learned" else (validated or fallback)
     if kind == DIFFUSERS_PLACEMENT:
         return TimestepPlacement(schedule, scheduler_config or {}, sampler)
     if kind != "controller":
@@ -120,7 +122,7 @@ def plan_request(budget: Budget, limit: float, *, rho: float, sampler: str, batc
                  best_effort: bool, placement: str, bp: BatchProfile, cost: CostModel, minimum_ms: float,
                  schedule: NoiseSchedule, controller, use_exit_rule: bool = True,
                  prediction_type: str = "epsilon", reserved_ms: float = 0.0,
-                 scheduler_config: dict | None = None) -> RequestPlan:
+                 scheduler_config: dict | None = None, fallback_placement: str = "uniform") -> RequestPlan:
     """Plan a request (its arguments already passed :func:`check_request`, ``limit`` is the budget in ms):
     the most steps whose *sum* fits the limit, fewer where rho < 1 asks for less (the controller's
     validated exit rule), placed as the controller's gate says or by a rule. The steps are capped at
@@ -128,14 +130,16 @@ def plan_request(budget: Budget, limit: float, *, rho: float, sampler: str, batc
     use (``core.samplers.max_steps``: 8 over a consistency model, whatever the sampler). ``reserved_ms`` (a
     pipeline's prompt encoding at its tail, which runs inside the request clock) is taken off the limit
     before the steps are fitted; the hard rule and the guard still work on the whole limit, since the clock
-    counts the encoding. ``scheduler_config`` is what the "diffusers" placement reads."""
+    counts the encoding. ``scheduler_config`` is what the "diffusers" placement reads; ``fallback_placement``
+    is "auto"'s choice where the controller validated nothing (see choose_placement)."""
     context = context_vector(limit, bp.flops_per_s, rho) if controller is not None else None
     cap = RULE_MAX_STEPS if controller is None else schedule.num_train_timesteps
     cap = min(cap, max_steps(sampler, prediction_type) or cap)
     fit = max(cost.steps_that_fit(limit - reserved_ms, level="sum", cap=cap), 1)
     gate = controller.gate if controller is not None else None
     n = gate.exit_steps(sampler, fit, rho) if gate is not None and use_exit_rule else fit
-    place = choose_placement(placement, schedule, controller, context, sampler, n, scheduler_config)
+    place = choose_placement(placement, schedule, controller, context, sampler, n, scheduler_config,
+                             fallback=fallback_placement)
     sigmas, positions = place.plan(n)
     return RequestPlan(budget=budget, limit_ms=limit, minimum_ms=minimum_ms, rho=rho, sampler=sampler, batch=batch,
                        seed=seed, best_effort=best_effort, context=context, cost=cost, placement=place,

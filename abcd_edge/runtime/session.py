@@ -321,6 +321,19 @@ class AnytimeRuntime:
         return PipelineRequest(prompt=prompt, negative_prompt=negative_prompt, guidance=w, branches=branches,
                                mode=mode, decoder=dec, decoder_component=pl.decoder_component(dec), notes=notes)
 
+    def _controller_for(self, req: PipelineRequest | None):
+        """The controller that plans this request: a pipeline's only at the guidance it was calibrated and
+        validated under (``ControllerMeta.conditions``); another guidance plans without it (noted)."""
+        c = self.controller
+        if c is None or req is None:
+            return c
+        calibrated = (c.meta.conditions if c.meta is not None else {}).get("guidance")
+        if calibrated is None or req.guidance is None or abs(float(calibrated) - req.guidance) > 1e-9:
+            req.notes.append(f"the controller was calibrated at guidance {calibrated}; guidance {req.guidance} "
+                             "is planned without it (the model's own timesteps)")
+            return None
+        return c
+
     def _texts_to_encode(self, req: PipelineRequest | None) -> int:
         """Text-encoder calls the request will make (texts not in the encoder's cache)."""
         if req is None or not self.pipeline.text:
@@ -354,10 +367,10 @@ class AnytimeRuntime:
         if sampler == "default" and self.pipeline is not None:   # the sampler of the model's own scheduler
             sampler = natural_sampler(prediction, self.manifest.scheduler_config)
         sampler = resolve_sampler(sampler, prediction)
-        if placement == "auto" and self.pipeline is not None and self.controller is None:
-            placement = DIFFUSERS_PLACEMENT     # the timesteps the model's own scheduler would step
+        controller = self._controller_for(req)
+        fallback = "uniform" if self.pipeline is None else DIFFUSERS_PLACEMENT   # the model's own timesteps
         if sampler == "auto":
-            sampler = auto_sampler(self.controller, lambda s: self.cost_model(batch, s, branches=branches,
+            sampler = auto_sampler(controller, lambda s: self.cost_model(batch, s, branches=branches,
                                                                               decoder=decoder).steps_that_fit(
                 limit, level="sum", cap=RULE_MAX_STEPS), fallback=resolve_sampler("default", prediction))
         cost = self.cost_model(batch, sampler, branches=branches, decoder=decoder)
@@ -372,9 +385,9 @@ class AnytimeRuntime:
                             "raise the budget or pass --best-effort")
         return plan_request(budget, limit, rho=rho, sampler=sampler, batch=batch, seed=seed,
                             best_effort=best_effort, placement=placement, bp=bp, cost=cost, minimum_ms=minimum,
-                            schedule=self.schedule, controller=self.controller, use_exit_rule=use_exit_rule,
+                            schedule=self.schedule, controller=controller, use_exit_rule=use_exit_rule,
                             prediction_type=prediction, reserved_ms=reserved,
-                            scheduler_config=self.manifest.scheduler_config)
+                            scheduler_config=self.manifest.scheduler_config, fallback_placement=fallback)
 
     # ------------------------------------------------------------------------------------ serving
     def generate(self, budget: Budget | str, rho: float = 1.0, sampler: str = "default", seed: int = 0, batch: int = 1,
@@ -400,25 +413,13 @@ class AnytimeRuntime:
             rng = np.random.default_rng(seed)
             shape = (batch, self.manifest.channels, self.manifest.resolution, self.manifest.resolution)
             noise = rng.standard_normal(shape).astype(np.float32)
-            # a pipeline steps as its diffusers scheduler does (start scale, DDIM's final alpha, LCM's scaling)
-            options = (diffusers_options(plan.sampler, self.manifest.scheduler_config, self.schedule)
-                       if req is not None else {})
-            smp = make_sampler(plan.sampler, self.schedule, plan.sigmas, self.manifest.prediction_type, **options)
+            smp = self.request_sampler(plan.sampler, plan.sigmas, req)
             rules = AnytimeRules(plan, clock)
-            text = {}
+            text: dict = {}
 
             self.meter.start()
             clock.start()
-            denoiser = self.denoiser
-            if req is not None:       # a pipeline: encode the prompt inside the clock, guide the UNet
-                enc = None
-                if self.pipeline.text:
-                    t0 = clock.elapsed_ms()
-                    enc = self.pipeline.encoder.encode(req.prompt, req.negative_prompt, uncond=req.branches == 2)
-                    text["encode_ms"] = clock.elapsed_ms() - t0
-                denoiser = self.pipeline.denoiser(enc.cond if enc else None, enc.uncond if enc else None,
-                                                  req.guidance or 1.0, req.mode)
-                text["enc"] = enc
+            denoiser = self.request_denoiser(req, clock, text)
             try:
                 result = run_steps(denoiser, smp, noise, rng=rng, clock=clock, hooks=rules)
                 interrupted = False
@@ -427,13 +428,7 @@ class AnytimeRuntime:
                 n = result.steps
                 rules.predicted, rules.predicted_median = rules.predicted[:n], rules.predicted_median[:n]
             clock.disarm()
-            if req is not None:       # finishing: decode the loop's last x0 latent (a completed DDIM run under
-                                      # set_alpha_to_one=False: diffusers' final state, see diffusers_options)
-                t0 = clock.elapsed_ms()
-                images = to_uint8(self.pipeline.decode(np.asarray(result.x0, np.float32), req.decoder))
-                text["decode_ms"] = clock.elapsed_ms() - t0
-            else:
-                images = to_uint8(np.asarray(result.x0, np.float32))
+            images = self.finish_images(result.x0, req, clock, text)
             latency = clock.elapsed_ms()
             reading = self.meter.stop()
             measured = [round(ms, 4) for ms in result.step_ms]
@@ -445,6 +440,38 @@ class AnytimeRuntime:
         if interrupted:
             raise RequestInterrupted(images if result.steps else None, report if result.steps else None)
         return images, report
+
+    # ----------------------------------------------------------------- one request's parts (also the bench's)
+    def request_sampler(self, name: str, sigmas, req: PipelineRequest | None):
+        """Sampler ``name`` over ``sigmas``; a pipeline steps as its diffusers scheduler does (start scale,
+        DDIM's final alpha, LCM's scaling: ``core.samplers.diffusers_options``)."""
+        options = diffusers_options(name, self.manifest.scheduler_config, self.schedule) if req is not None else {}
+        return make_sampler(name, self.schedule, np.asarray(sigmas), self.manifest.prediction_type, **options)
+
+    def request_denoiser(self, req: PipelineRequest | None, clock, timings: dict):
+        """The step function of one request, started on ``clock``: a pixel artifact's denoiser, or a
+        pipeline's UNet guided by the request's prompt, encoded now (inside the clock; ``timings`` gets
+        ``encode_ms`` and the encoding ``enc``)."""
+        if req is None:
+            return self.denoiser
+        enc = None
+        if self.pipeline.text:
+            t0 = clock.elapsed_ms()
+            enc = self.pipeline.encoder.encode(req.prompt, req.negative_prompt, uncond=req.branches == 2)
+            timings["encode_ms"] = clock.elapsed_ms() - t0
+        timings["enc"] = enc
+        return self.pipeline.denoiser(enc.cond if enc else None, enc.uncond if enc else None,
+                                      req.guidance or 1.0, req.mode)
+
+    def finish_images(self, x0, req: PipelineRequest | None, clock, timings: dict) -> np.ndarray:
+        """Finishing, on ``clock``: x0 -> uint8 images; a pipeline decodes the x0 latent first (``timings`` gets
+        ``decode_ms``). A completed DDIM run under set_alpha_to_one=False is diffusers' final state."""
+        if req is None:
+            return to_uint8(np.asarray(x0, np.float32))
+        t0 = clock.elapsed_ms()
+        images = to_uint8(self.pipeline.decode(np.asarray(x0, np.float32), req.decoder))
+        timings["decode_ms"] = clock.elapsed_ms() - t0
+        return images
 
     def _report(self, plan: RequestPlan, smp, rules: AnytimeRules, reason: str, measured: list[float],
                 latency: float, reading, clock) -> RequestReport:

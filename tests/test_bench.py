@@ -350,24 +350,23 @@ def test_teacher_is_the_many_step_ddim_from_the_request_noise(replay_session):
 
     sess, _, tmp = replay_session
     m = sess.base.manifest
-    cache = teacher.TeacherCache(tmp / "teacher", sess.base.artifact_dir, sess.base.manifest_hash, 10, threads=1)
-    got = cache.get([5, 6], 2, (m.channels, m.resolution, m.resolution), sess.base.schedule, m.prediction_type)
-    want, _ = _reference_static_images(cache._denoiser, sess.base, time_uniform_sigmas(sess.base.schedule, 10),
+    cache = teacher.TeacherCache(tmp / "teacher", sess.base.manifest_hash, 10, lambda: sess.rollouts)
+    got = cache.get([5, 6], 2, (m.channels, m.resolution, m.resolution))
+    want, _ = _reference_static_images(sess.base.denoiser, sess.base, time_uniform_sigmas(sess.base.schedule, 10),
                                        "ddim", 5, 2)
 
     assert got[5].shape == (2, m.channels, m.resolution, m.resolution) and np.array_equal(to_uint8(got[5]), want)
     assert not np.array_equal(got[5], got[6])
     assert sorted(p.name for p in (tmp / "teacher").glob("*.npy")) == \
         sorted(f"{sess.base.manifest_hash[:12]}_10_2_{s}.npy" for s in (5, 6))
-    # cached: a fresh cache reads the same arrays back from disk
-    again = teacher.TeacherCache(tmp / "teacher", sess.base.artifact_dir, sess.base.manifest_hash, 10)
-    assert np.array_equal(again.get([5], 2, (m.channels, m.resolution, m.resolution), sess.base.schedule,
-                                    m.prediction_type)[5], got[5]) and again._denoiser is None
+    # cached: a fresh cache reads the same arrays back from disk, opening nothing
+    again = teacher.TeacherCache(tmp / "teacher", sess.base.manifest_hash, 10, lambda: pytest.fail("opened"))
+    assert np.array_equal(again.get([5], 2, (m.channels, m.resolution, m.resolution))[5], got[5])
 
 
 def test_stepdrop_tuning_is_monotone_in_rho(replay_session):
     sess, spec, tmp = replay_session
-    cache = teacher.TeacherCache(tmp / "teacher", sess.base.artifact_dir, sess.base.manifest_hash, 10, threads=1)
+    cache = teacher.TeacherCache(tmp / "teacher", sess.base.manifest_hash, 10, lambda: sess.rollouts)
     thr, info = methods.tune_stepdrop(sess, spec, cache, 20.0, "ddim", 1)
     assert info["K"] == 15 and len(info["psnr_by_step"]) == 15
     assert info["0.9"]["steps"] >= info["0.6"]["steps"]          # asking for more quality drops fewer steps

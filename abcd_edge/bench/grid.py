@@ -6,7 +6,7 @@ A :class:`GridSpec` is a named grid (``GRIDS``) with any axis overridden, valida
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from abcd_edge import paths
@@ -43,6 +43,19 @@ class GridSpec:
     ref_seed: int = REF_SEED
     ref_n: int = REF_N
     warmup_requests: int = 2      # per tier and method, not recorded
+    evaluation_net: str = str(paths.EVALNET_DIR)   # the feature net that scores (its sha is in the config key)
+    prompts: str | None = None    # a text-to-image pipeline's prompt file: request seed s gets line s mod lines
+    guidance: float | None = None  # ... and the guidance every method runs at (default: the artifact's)
+
+    def key_fields(self) -> dict:
+        """What of the spec the results depend on (a pixel grid's key is what it was before prompts existed)."""
+        out = asdict(self)
+        for where in ("name", "artifact", "evaluation_net"):
+            out.pop(where)
+        for optional in ("prompts", "guidance"):
+            if out[optional] is None:
+                out.pop(optional)
+        return out
 
     @property
     def requests_per_seed(self) -> int:
@@ -89,13 +102,15 @@ def _split(value: Any) -> list[str]:
 def parse_grid_args(grid: str | None = None, profiles: Any = None, budgets: Any = None, samplers: Any = None,
                     quality: Any = None, methods: Any = None, seeds: int | None = None, samples: int | None = None,
                     batch: int | None = None, artifact: str | None = None, controller: str | None = None,
-                    teacher_steps: int | None = None) -> GridSpec:
+                    teacher_steps: int | None = None, prompts: str | None = None, guidance: float | None = None,
+                    evaluation_net: str | None = None) -> GridSpec:
     """A named grid (quick, full; default quick) with any of its axes overridden; validated.
 
     Lists are Python lists or comma-separated strings. ``profiles`` items are profile JSON paths
     or globs, optionally prefixed ``real:``, ``busy:`` (a real tier with one core kept busy) or
     ``replay:`` (simulated clock); unprefixed ones are real when measured on this machine,
-    replayed otherwise. Raises UserError on anything unknown or empty.
+    replayed otherwise. ``prompts`` (a file, one per line) and ``guidance`` are a text-to-image pipeline
+    artifact's. Raises UserError on anything unknown or empty.
     """
     name = grid or "quick"
     if name not in GRIDS:
@@ -123,7 +138,8 @@ def parse_grid_args(grid: str | None = None, profiles: Any = None, budgets: Any 
     spec = GridSpec(name=name if all(v is None for v in (profiles, budgets, samplers, quality, methods, seeds,
                                                          samples, batch, teacher_steps)) else f"{name}+custom",
                     artifact=str(artifact) if artifact else str(paths.DEMO_ARTIFACT_DIR),
-                    controller=controller or "auto", **base)
+                    controller=controller or "auto", prompts=None if prompts is None else str(prompts),
+                    guidance=guidance, evaluation_net=str(evaluation_net or paths.EVALNET_DIR), **base)
     validate_spec(spec)
     return spec
 

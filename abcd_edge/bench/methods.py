@@ -4,7 +4,9 @@ Static methods (uniform, karras, logsnr, ays, stepdrop, buco-mwg, oracle) run th
 (``core.loop.run_steps``) on the tier's clock with no exit rule, no guard and no correction; StepDrop
 stops through ``StopBelow``, the oracle keeps every x0 through the loop's callback. ``abcd`` is
 ``AnytimeRuntime.generate``. Every method draws its noise as the runtime does: the request seed's
-initial noise, then (stochastic samplers) per-step noise from the same generator.
+initial noise, then (stochastic samplers) per-step noise from the same generator. Over a text-to-image
+pipeline every method encodes the request's prompt inside its clock, steps the guided UNet as the runtime
+does and decodes its last x0 latent as its finishing (the session's request parts).
 """
 from __future__ import annotations
 
@@ -58,9 +60,10 @@ def budget_k(sess: TierSession, budget_ms: float, batch: int, sampler: str) -> t
     at the rule-based plan's maximum."""
     from abcd_edge.runtime.plan import RULE_MAX_STEPS
 
-    cm = sess.base.cost_model(batch, sampler)
-    return (cm.steps_that_fit(budget_ms, level="tail", cap=RULE_MAX_STEPS),
-            cm.steps_that_fit(budget_ms, level="median", cap=RULE_MAX_STEPS))
+    cm = sess.cost_model(sampler)
+    limit = sess.step_budget_ms(budget_ms)
+    return (cm.steps_that_fit(limit, level="tail", cap=RULE_MAX_STEPS),
+            cm.steps_that_fit(limit, level="median", cap=RULE_MAX_STEPS))
 
 
 def stepdrop_steps(psnr_by_step: np.ndarray, tolerance_db: float) -> int:
@@ -98,7 +101,7 @@ def plan_methods(sess: TierSession, spec: GridSpec, budget_ms: float, sampler: s
     from abcd_edge.core.samplers import SAMPLER_DESCRIPTORS
 
     sched = sess.base.schedule
-    cm = sess.base.cost_model(batch, sampler)
+    cm = sess.cost_model(sampler)
     k99, k50 = budget_k(sess, budget_ms, batch, sampler)
     p99 = cm.next_step_ms()
     p50 = cm.median_step_ms
@@ -151,9 +154,7 @@ def tune_stepdrop(sess: TierSession, spec: GridSpec, teacher: TeacherCache, budg
                   batch: int) -> tuple[dict[float, float], dict]:
     """Per rho, the sigma threshold: the fewest steps of uniform-K whose mean PSNR vs the teacher on
     ``spec.stepdrop_validation`` validation images is within 2 dB x (1 - rho) of all K steps."""
-    from abcd_edge.core.loop import sample
     from abcd_edge.core.placement import time_uniform_sigmas
-    from abcd_edge.core.samplers import make_sampler
     from abcd_edge.quality import teacher_distance
 
     k99, _ = budget_k(sess, budget_ms, batch, sampler)
@@ -163,13 +164,14 @@ def tune_stepdrop(sess: TierSession, spec: GridSpec, teacher: TeacherCache, budg
     shape = (m.channels, m.resolution, m.resolution)
     nval = max(1, spec.stepdrop_validation)
     seeds = [VALIDATION_SEED_BASE + i for i in range(nval)]
-    teach = teacher.get(seeds, 1, shape, sess.base.schedule, m.prediction_type)
+    teach = teacher.get(seeds, 1, shape)
     sigmas = np.asarray(time_uniform_sigmas(sess.base.schedule, k99))
     noise = np.concatenate([request_noise(s, (1, *shape)) for s in seeds])
-    smp = make_sampler(sampler, sess.base.schedule, sigmas, m.prediction_type)
-    _, hist = sample(sess.base.denoiser, smp, noise, rng=np.random.default_rng(0), keep_x0=True)
+    ro = sess.rollouts
+    _, hist = ro.x0(sampler, sigmas, noise, ro.denoiser(sess.text.prompts_for(seeds)), keep_x0=True,
+                    rng=np.random.default_rng(0))
     t = np.concatenate([teach[s] for s in seeds])
-    psnr = np.array([float(np.mean(teacher_distance(h, t).psnr)) for h in hist])
+    psnr = np.array([float(np.mean(teacher_distance(ro.image_space(h), t).psnr)) for h in hist])
     out, info = {}, {"K": k99, "validation_images": nval, "psnr_by_step": [round(float(p), 3) for p in psnr]}
     for rho in spec.quality:
         k = stepdrop_steps(psnr, STEPDROP_DB_PER_RHO * (1 - rho))
@@ -184,19 +186,19 @@ def tune_stepdrop(sess: TierSession, spec: GridSpec, teacher: TeacherCache, budg
 
 def run_static(rt, clock, sigmas: np.ndarray, sampler: str, seed: int, batch: int, budget_ms: float,
                stop_below: float | None = None, predicted_step_ms: float | None = None,
-               keep_history: bool = False) -> tuple[RunResult, list[tuple[float, np.ndarray]]]:
+               keep_history: bool = False, req=None) -> tuple[RunResult, list[tuple[float, np.ndarray]]]:
     """A static schedule on ``clock``: no exit rule, no guard, no correction. Noise as the runtime draws it.
 
     ``stop_below``: stop before the first step whose sigma is below it (StepDrop; step 1 always runs).
-    ``keep_history``: also return (elapsed ms after step i, x0 after step i) for every step (the oracle)."""
-    from abcd_edge.core.images import to_uint8
+    ``keep_history``: also return (elapsed ms after step i, x0 after step i) for every step (the oracle).
+    ``req``: a pipeline request's text side (``AnytimeRuntime.pipeline_request``): encoded inside the clock,
+    the guided UNet stepped as the runtime steps it, the x0 latent decoded as finishing."""
     from abcd_edge.core.loop import StopBelow, run_steps
-    from abcd_edge.core.samplers import make_sampler
 
     shape = (batch, rt.manifest.channels, rt.manifest.resolution, rt.manifest.resolution)
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal(shape).astype(np.float32)
-    smp = make_sampler(sampler, rt.schedule, np.asarray(sigmas), rt.manifest.prediction_type)
+    smp = rt.request_sampler(sampler, sigmas, req)
     history: list[tuple[float, np.ndarray]] = []
 
     def keep(i: int, x0: np.ndarray) -> None:
@@ -204,10 +206,11 @@ def run_static(rt, clock, sigmas: np.ndarray, sampler: str, seed: int, batch: in
 
     rt.meter.start()
     clock.start()
-    result = run_steps(rt.denoiser, smp, noise, rng=rng, clock=clock,
+    denoiser = rt.request_denoiser(req, clock, {})
+    result = run_steps(denoiser, smp, noise, rng=rng, clock=clock,
                        hooks=StopBelow(stop_below) if stop_below is not None else None,
                        callback=keep if keep_history else None)
-    images = to_uint8(np.asarray(result.x0, np.float32))
+    images = rt.finish_images(result.x0, req, clock, {})
     latency = clock.elapsed_ms()
     reading = rt.meter.stop()
     energy = None if getattr(clock, "simulated", False) else reading.energy_mj
@@ -227,11 +230,13 @@ def execute(sess: TierSession, p: Plan, budget_ms: float, sampler: str, seed: in
     from abcd_edge.core.images import to_uint8
     from abcd_edge.quality import teacher_distance
 
+    sess.forget_prompt(seed)
     if p.method == "abcd":
         rt = sess.abcd
         try:
             images, rep = rt.generate(Budget("latency", budget_ms), rho=float(p.rho), sampler=sampler, seed=seed,
-                                      batch=batch, clock=clock if sess.tier.simulated else None)
+                                      batch=batch, clock=clock if sess.tier.simulated else None,
+                                      **sess.text.request(seed))
         except UserError:
             return None
         return RunResult(images=images, latency_ms=rep.latency_ms, deadline_met=rep.deadline_met, steps=rep.steps,
@@ -239,23 +244,26 @@ def execute(sess: TierSession, p: Plan, budget_ms: float, sampler: str, seed: in
                          predicted=list(rep.predicted_step_ms), measured=list(rep.measured_step_ms),
                          energy_mj=None if sess.tier.simulated else rep.energy_mj, correction=rep.correction,
                          note=rep.schedule)
+    req = sess.request(seed)
     if p.method == "oracle":
-        res, hist = run_static(sess.base, clock, p.sigmas, sampler, seed, batch, budget_ms, keep_history=True)
-        # finishing: one x0 -> image conversion, timed on the same clock
+        res, hist = run_static(sess.base, clock, p.sigmas, sampler, seed, batch, budget_ms, keep_history=True,
+                               req=req)
+        # finishing: one x0 -> image conversion (a pipeline: the decode), timed on the same clock
         f0 = clock.elapsed_ms()
-        to_uint8(hist[-1][1])
+        sess.base.finish_images(hist[-1][1], req, clock, {})
         finish = clock.elapsed_ms() - f0
         lat = [h[0] + finish for h in hist]
         if teacher_x0 is None:   # warm-up
             return res
-        mse = np.stack([teacher_distance(h[1], teacher_x0).mse for h in hist])
+        shown = [sess.rollouts.image_space(h[1]) for h in hist]     # what the teacher is compared with
+        mse = np.stack([teacher_distance(x, teacher_x0).mse for x in shown])
         pick, fits = oracle_pick(lat, mse, budget_ms)
-        x0 = np.stack([hist[k][1][j] for j, k in enumerate(pick)])
+        x = np.stack([shown[k][j] for j, k in enumerate(pick)])
         chosen = [lat[k] for k in pick]
-        return RunResult(images=to_uint8(x0), latency_ms=float(max(chosen)), deadline_met=bool(fits),
+        return RunResult(images=to_uint8(x), latency_ms=float(max(chosen)), deadline_met=bool(fits),
                          steps=float(np.mean(pick + 1)), planned_steps=len(hist),
                          exit_reason="oracle" if fits else "oracle-none-fit", predicted=[], measured=res.measured,
                          note=f"chosen steps {','.join(str(int(k) + 1) for k in pick)}")
     res, _ = run_static(sess.base, clock, p.sigmas, sampler, seed, batch, budget_ms, stop_below=p.stop_below,
-                        predicted_step_ms=p.predicted_step_ms)
+                        predicted_step_ms=p.predicted_step_ms, req=req)
     return res

@@ -32,25 +32,34 @@ class Quality:
         self.features, self.fid, self.description = features, fid, description
 
     @classmethod
-    def default(cls, resolution: int, ref_seed: int = REF_SEED, ref_n: int = REF_N) -> tuple["Quality | None", str]:
-        """The evaluation feature net (``export/evalnet``: never what calibration optimises) and its committed
-        reference statistics, or (None, why not)."""
+    def default(cls, resolution: int, ref_seed: int = REF_SEED, ref_n: int = REF_N,
+                net_dir: str | Path = paths.EVALNET_DIR) -> tuple["Quality | None", str]:
+        """The evaluation feature net (default ``export/evalnet``: never what calibration optimises) and its
+        reference statistics for images of side ``resolution`` (fitted to the net's input by an integer
+        factor, ``quality.fit_images``), or (None, why not)."""
         from threadpoolctl import threadpool_limits
 
-        from abcd_edge.quality import FeatureNet, ReferenceStats
+        from abcd_edge.quality import FeatureNet, ReferenceStats, fit_images
 
         try:
-            net = FeatureNet(paths.EVALNET_DIR)
+            net = FeatureNet(net_dir)
+            side = net.height if isinstance(net.height, int) else resolution
+            fit_images(np.zeros((1, resolution, resolution, 3), np.uint8), side, side)
+            with threadpool_limits(limits=1, user_api="blas"):
+                ref = ReferenceStats.load_or_compute(ref_seed, ref_n, net, cache_dir=net_dir, resolution=resolution)
         except UserError as exc:
             return None, f"feature-FID not measured: {exc}"
-        if isinstance(net.height, int) and net.height != resolution:
-            return None, (f"feature-FID not measured: the feature net takes {net.height}x{net.width} images, "
-                          f"the artifact makes {resolution}x{resolution}")
-        with threadpool_limits(limits=1, user_api="blas"):
-            ref = ReferenceStats.load_or_compute(ref_seed, ref_n, net, cache_dir=paths.EVALNET_DIR,
-                                                 resolution=resolution)
-        return cls(net.features, ref.fid_to_reference, f"feature-FID (evaluation net export/evalnet sha256 {net.sha256[:12]}, "
+        fitted = "" if side == resolution else f", {resolution}x{resolution} images fitted to its {side}x{side}"
+        return cls(lambda images: net.features(fit_images(images, side, side)), ref.fid_to_reference,
+                   f"feature-FID (evaluation net {paths.portable(Path(net_dir))} sha256 {net.sha256[:12]}{fitted}, "
                    f"reference: generator data seed {ref_seed}, n={ref_n})"), ""
+
+    @classmethod
+    def for_manifest(cls, manifest, ref_seed: int = REF_SEED, ref_n: int = REF_N,
+                     net_dir: str | Path | None = None) -> tuple["Quality | None", str]:
+        """:meth:`default` for the images an artifact makes (a pipeline's: its decoded image side)."""
+        side = int(manifest.pipeline["image"]["resolution"]) if manifest.pipeline else int(manifest.resolution)
+        return cls.default(side, ref_seed, ref_n, net_dir or paths.EVALNET_DIR)
 
 
 # ------------------------------------------------------------------------------------ pure functions

@@ -28,20 +28,22 @@ from abcd_edge.bench.store import (EXAMPLES_DIR, FEATURES_DIR, example_name, RES
                                    read_csv, row_block_key, save_block_features, stream_key, write_csv)
 from abcd_edge.bench.summary import summarize
 from abcd_edge.bench.teacher import TeacherCache
+from abcd_edge.bench.text import BenchText
 from abcd_edge.bench.tiers import Tier, TierSession, controller_dir, open_tier, resolve_tiers
 from abcd_edge.core.budget import parse_budget
 from abcd_edge.errors import UserError
 from abcd_edge.formats.manifest import sha256_file
 from abcd_edge.io import write_json_atomic
+from abcd_edge.runtime.rollout import Rollouts
 
 
 def _config_key(spec: GridSpec, tiers: list[Tier], manifest_hash: str, controller_id: str) -> str:
     """What the results depend on, by content (the artifact's hash, each tier's profile bytes, the controller's
     bytes), never by where the files lie: the same configuration resumes in any clone."""
     tier_ids = [dict(asdict(t), profile_path=sha256_file(paths.from_portable(t.profile_path))) for t in tiers]
-    cfg = dict(asdict(spec), tiers=tier_ids, manifest_hash=manifest_hash, controller=controller_id)
-    for where in ("name", "artifact"):
-        cfg.pop(where, None)
+    cfg = dict(spec.key_fields(), tiers=tier_ids, manifest_hash=manifest_hash, controller=controller_id)
+    if spec.prompts is not None:     # the prompts by content, not by where the file lies
+        cfg["prompts"] = sha256_file(spec.prompts)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -93,10 +95,11 @@ def bench_main(grid: str | None = None, out: str | Path | None = None, profiles:
                samplers: Any = None, quality: Any = None, methods: Any = None, seeds: int | None = None,
                samples: int | None = None, resume: bool = True, batch: int | None = None,
                artifact: str | None = None, controller: str | None = None, teacher_steps: int | None = None,
+               prompts: str | None = None, guidance: float | None = None, evaluation_net: str | None = None,
                progress: bool = True) -> Path:
     """Parse the grid, run it (resuming from ``out``/results.csv), write the outputs; return ``out``."""
     spec = parse_grid_args(grid, profiles, budgets, samplers, quality, methods, seeds, samples, batch, artifact,
-                           controller, teacher_steps)
+                           controller, teacher_steps, prompts, guidance, evaluation_net)
     out = Path(out) if out else Path("bench") / (grid or "quick")
     return run_grid(spec, out, resume=resume, progress=progress)
 
@@ -140,15 +143,20 @@ def _run_grid(spec, out: Path, resume, quality, progress, tiers, log) -> Path:
                         "`abcd-edge export --model demo --out export/demo`")
     manifest = load_manifest(artifact)
     mhash = manifest_hash(artifact)
+    text = BenchText.for_spec(spec, manifest)
     if not manifest.batch_min <= spec.batch <= manifest.batch_max:
         raise UserError(f"--batch {spec.batch} is outside the artifact's batch range "
                         f"{manifest.batch_min}..{manifest.batch_max}")
     if spec.controller not in ("auto", "none") and not Path(spec.controller).is_dir():
         raise UserError(f"controller folder {spec.controller!r} does not exist")
     tiers = tiers or resolve_tiers(spec.tiers, mhash)
+    if manifest.pipeline is not None and any(t.simulated for t in tiers):
+        raise UserError(f"tier {next(t.name for t in tiers if t.simulated)!r} is a replay (simulated) tier: a "
+                        "pipeline artifact is benched on real tiers only (its encode and decode are not replayed); "
+                        "profile it on that device or prefix the profile with real:")
     controller_id = _controller_identity(spec, manifest.name)
     if quality == "auto":
-        quality, qnote = Quality.default(manifest.resolution, spec.ref_seed, spec.ref_n)
+        quality, qnote = Quality.for_manifest(manifest, spec.ref_seed, spec.ref_n, spec.evaluation_net)
     else:
         qnote = "" if quality is not None else "feature-FID not measured (no quality backend given)"
     if qnote:
@@ -191,13 +199,16 @@ def _run_grid(spec, out: Path, resume, quality, progress, tiers, log) -> Path:
     log(f"{len(blocks)} blocks ({len(blocks) - len(todo)} already done), {spec.samples_per_setting} images per "
         f"setting = {spec.seeds} seeds x {req} requests x batch {spec.batch}; estimate ~{est['total'] / 60:.1f} min")
     shape = (manifest.channels, manifest.resolution, manifest.resolution)
-    teacher = TeacherCache(out / "teacher", artifact, mhash, spec.teacher_steps, threads=os.cpu_count())
     schedule = NoiseSchedule.from_config(manifest.scheduler_config)
+    teacher = TeacherCache(out / "teacher", mhash, spec.teacher_steps,
+                           lambda: Rollouts.open(artifact, manifest, schedule, os.cpu_count() or 1, text.guidance),
+                           text.prompt_for if text.prompts is not None else None,
+                           {"prompts": list(text.prompts), "guidance": text.guidance} if text.prompts else None)
     if todo:   # every method's images are scored against the teacher (teacher PSNR); the oracle picks by it
         seeds_needed = sorted({rs for (_, _, _, seed) in todo for rs in spec.request_seeds(seed)})
         bar = tqdm(total=len(seeds_needed), desc=f"teacher ({spec.teacher_steps}-step DDIM)", unit="req",
                    disable=not progress, file=sys.stderr)
-        teacher.get(seeds_needed, spec.batch, shape, schedule, manifest.prediction_type, progress=bar.update)
+        teacher.get(seeds_needed, spec.batch, shape, progress=bar.update)
         bar.close()
     bar = tqdm(total=len(todo) * req * spec.runs_per_request, desc="bench", unit="req", disable=not progress,
                file=sys.stderr)
@@ -207,7 +218,7 @@ def _run_grid(spec, out: Path, resume, quality, progress, tiers, log) -> Path:
             if not tier_todo:
                 continue
             with busy_core(tier.kind == "busy"):
-                sess = open_tier(tier, spec, spec.batch)
+                sess = open_tier(tier, spec, spec.batch, text)
                 with sess:
                     if _controller_identity(spec, manifest.name) != controller_id:
                         raise UserError(f"the controller under {spec.controller!r} changed during the run "
@@ -217,7 +228,7 @@ def _run_grid(spec, out: Path, resume, quality, progress, tiers, log) -> Path:
                         controller=paths.portable(cdir) if cdir else "rule-based",
                         ays=load_ays(cdir, sess.base.manifest_hash)[1],
                         overhead_scale=round(sess.overhead_scale, 4), local_step_p50_ms=sess.local_step_p50_ms,
-                        minimum_ms={s: round(sess.base.minimum_ms(spec.batch, s), 3) for s in spec.samplers},
+                        minimum_ms={s: round(sess.minimum_ms(s), 3) for s in spec.samplers},
                         notes=list(sess.abcd.notes))
                     _run_tier(sess, spec, tier_todo, teacher, quality, feat_dir, csv_path, meta, bar)
                 write_json_atomic(meta_path, meta)
@@ -241,7 +252,7 @@ def _run_tier(sess: TierSession, spec: GridSpec, todo, teacher: TeacherCache, qu
     warmed = False
     for (_, budget, sampler, seed) in todo:
         bms = parse_budget(budget).ms
-        minimum = sess.base.minimum_ms(batch, sampler)
+        minimum = sess.minimum_ms(sampler)
         bk = block_key(tier.name, budget, sampler, seed)
         rows: list[dict] = []
 
@@ -273,7 +284,7 @@ def _run_tier(sess: TierSession, spec: GridSpec, todo, teacher: TeacherCache, qu
                     execute(sess, p, bms, sampler, 10**6 + w, batch, sess.clock_for("warm", p.method), None)
             warmed = True
         clocks = {(p.method, p.rho): sess.clock_for(budget, sampler, seed, p.method, p.rho) for p in plans}
-        teach = teacher.get(spec.request_seeds(seed), batch, shape, sess.base.schedule, m.prediction_type)
+        teach = teacher.get(spec.request_seeds(seed), batch, shape)
         feats: dict[str, list[np.ndarray]] = {}
         ontime: dict[str, list[np.ndarray]] = {}
         order = list(range(len(plans)))

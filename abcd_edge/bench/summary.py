@@ -207,8 +207,9 @@ def _summarize(out: Path, quality, log) -> Path:
         if quality == "auto":
             from abcd_edge.formats.manifest import load_manifest
 
-            res = load_manifest(Path(meta["artifact"]), verify_hashes=False).resolution
-            q, _ = Quality.default(res, meta["grid"]["ref_seed"], meta["grid"]["ref_n"])
+            manifest = load_manifest(paths.from_portable(meta["artifact"]), verify_hashes=False)
+            q, _ = Quality.for_manifest(manifest, meta["grid"]["ref_seed"], meta["grid"]["ref_n"],
+                                        meta["grid"].get("evaluation_net"))
             if q is not None and q.description != meta.get("quality"):
                 raise UserError(f"{out}/features were computed with another feature net ({meta.get('quality')}); "
                                 f"now: {q.description}. Rerun the bench with --no-resume")

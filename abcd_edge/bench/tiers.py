@@ -20,6 +20,7 @@ from abcd_edge import paths
 from abcd_edge.bench.ays import AysTable, load_ays
 from abcd_edge.bench.grid import TIER_KINDS, GridSpec
 from abcd_edge.bench.teacher import request_noise
+from abcd_edge.bench.text import BenchText
 from abcd_edge.errors import UserError
 
 
@@ -151,6 +152,41 @@ class TierSession:
     overhead_scale: float
     local_step_p50_ms: float | None
     batch: int = 1
+    text: BenchText = BenchText(None, None)   # a text-to-image pipeline's prompt per request seed, guidance
+    rollouts: Any = None          # runtime.rollout.Rollouts over the base session (StepDrop tuning, the oracle)
+
+    @property
+    def branches(self) -> int | None:
+        """The UNet branches a request runs (None: a pixel artifact's; a pipeline's at the grid's guidance)."""
+        pl = self.base.pipeline
+        if pl is None:
+            return None
+        return pl.branches(self.text.guidance if self.text.guidance is not None else pl.default_guidance)
+
+    def cost_model(self, sampler: str):
+        """The base session's cost model (correction 1) for this tier's requests (a pipeline: its UNet mode)."""
+        return self.base.cost_model(self.batch, sampler, correction=1.0, branches=self.branches)
+
+    def minimum_ms(self, sampler: str) -> float:
+        """The smallest achievable response (a pipeline: encode + one step + decode at the tails)."""
+        return self.base.minimum_ms(self.batch, sampler, branches=self.branches)
+
+    def step_budget_ms(self, budget_ms: float) -> float:
+        """What a static plan fits its steps and finishing into: the budget less a pipeline's prompt encoding
+        at its tail (encoded inside every request's clock)."""
+        return budget_ms - self.base.encode_tail_ms(1 if self.text.prompts is not None else 0)
+
+    def request(self, seed: int):
+        """The checked text side of request seed ``seed`` (runtime.session.PipelineRequest; None: pixel)."""
+        return self.base.pipeline_request(**self.text.request(seed))
+
+    def forget_prompt(self, seed: int) -> None:
+        """Drop request seed ``seed``'s prompt from both runtimes' caches: every method encodes it itself."""
+        prompt = self.text.prompt_for(seed)
+        if prompt is None:
+            return
+        for rt in (self.base, self.abcd):
+            rt.pipeline.encoder.forget(prompt)
 
     def clock_for(self, *key) -> Any:
         """A fresh clock for one (method, rho) stream: replay draws seeded by the key; wall clock shared."""
@@ -172,9 +208,11 @@ class TierSession:
         self.close()
 
 
-def open_tier(tier: Tier, spec: GridSpec, batch: int) -> TierSession:
+def open_tier(tier: Tier, spec: GridSpec, batch: int, text: BenchText | None = None) -> TierSession:
     """Both runtimes of a tier over ONE denoiser session, warm; on a replay tier also this machine's step
-    time, for the replay clock's overhead scale."""
+    time, for the replay clock's overhead scale. ``text``: a text-to-image pipeline's prompts and guidance."""
+    from abcd_edge.runtime.rollout import Rollouts
+
     from abcd_edge.device.clock import ReplayClock
     from abcd_edge.runtime.session import AnytimeRuntime
 
@@ -200,22 +238,29 @@ def open_tier(tier: Tier, spec: GridSpec, batch: int) -> TierSession:
         base.close()
         raise
     ays, _ = load_ays(cdir, abcd.manifest_hash)
-    # warm the session; on a replay tier also time this machine's step for the overhead scale
+    text = text or BenchText(None, None)
+    local, scale = None, 1.0
+    if base.pipeline is None:   # (a pipeline's components were warmed one by one when opened; no replay tier)
+        local, scale = _warm_denoiser(base, tier, batch)
+    return TierSession(tier=tier, base=base, abcd=abcd, controller=abcd.controller,
+                       controller_dir=str(cdir) if (cdir and abcd.controller is not None) else None,
+                       ays=ays, overhead_scale=scale, local_step_p50_ms=local, batch=batch, text=text,
+                       rollouts=Rollouts(base.manifest, base.schedule, base.denoiser, base.pipeline, text.guidance))
+
+
+def _warm_denoiser(base, tier: Tier, batch: int) -> tuple[float | None, float]:
+    """Warm the session; on a replay tier also time this machine's step: (its p50 ms, the overhead scale)."""
     shape = (batch, base.manifest.channels, base.manifest.resolution, base.manifest.resolution)
     x = request_noise(0, shape)
     t = np.full(batch, 500.0, np.float32)
     for _ in range(5):
         base.denoiser(x, t)
-    local = None
-    scale = 1.0
-    if tier.simulated:
-        ts = []
-        for _ in range(15):
-            t0 = time.perf_counter()
-            base.denoiser(x, t)
-            ts.append((time.perf_counter() - t0) * 1e3)
-        local = float(np.median(ts))
-        scale = max(base.profile.for_batch(batch).step.p50_ms / local, 1e-3)
-    return TierSession(tier=tier, base=base, abcd=abcd, controller=abcd.controller,
-                       controller_dir=str(cdir) if (cdir and abcd.controller is not None) else None,
-                       ays=ays, overhead_scale=scale, local_step_p50_ms=local, batch=batch)
+    if not tier.simulated:
+        return None, 1.0
+    ts = []
+    for _ in range(15):
+        t0 = time.perf_counter()
+        base.denoiser(x, t)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    local = float(np.median(ts))
+    return local, max(base.profile.for_batch(batch).step.p50_ms / local, 1e-3)

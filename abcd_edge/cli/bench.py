@@ -29,21 +29,30 @@ from abcd_edge.cli.options import artifact_option, backend_option, int_list, pix
 @click.option("--teacher-steps", default=None, type=int, help="Steps of the DDIM teacher (default 200).")
 @click.option("--artifact", default=None, type=click.Path(), help="Artifact folder (default export/demo).")
 @click.option("--controller", default=None, help="auto (calibration/<artifact>/), a folder, or none.")
+@click.option("--prompts", default=None, type=click.Path(),
+              help="A text-to-image pipeline artifact's prompts, one per line (UTF-8): request seed s asks for "
+                   "line s mod the number of lines; every method answers the same prompt.")
+@click.option("--guidance", default=None, type=float,
+              help="A text-to-image pipeline's guidance scale for every method (default: the artifact's).")
+@click.option("--evaluation-net", default=None, type=click.Path(),
+              help="Feature network folder that scores the images (default export/evalnet).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from <out>/results.csv, skipping finished blocks.")
 @click.argument("extra_profiles", nargs=-1, type=click.Path())
 def bench_command(grid, out, profiles, budgets, samplers, quality, methods, seeds, samples, batch, teacher_steps,
-                  artifact, controller, resume, extra_profiles):
+                  artifact, controller, prompts, guidance, evaluation_net, resume, extra_profiles):
     """The benchmark grid: ABCD vs baselines -> results.csv, summary.md, plots, bench.json.
 
+    A text-to-image pipeline artifact is benched at --batch 1 on real tiers, with --prompts: each method
+    encodes the request's prompt inside its clock, steps the guided UNet and decodes its last latent.
     Extra arguments are more profiles (so an unquoted --profiles profiles/*.json works)."""
-    pixel_artifact_only(artifact, "bench")
     from abcd_edge.bench.runner import bench_main
 
     profs = list(profiles) + list(extra_profiles)
     path = bench_main(grid=grid, out=out, profiles=profs or None, budgets=budgets, samplers=samplers,
                       quality=quality, methods=methods, seeds=seeds, samples=samples, resume=resume, batch=batch,
-                      artifact=artifact, controller=controller, teacher_steps=teacher_steps)
+                      artifact=artifact, controller=controller, teacher_steps=teacher_steps, prompts=prompts,
+                      guidance=guidance, evaluation_net=evaluation_net)
     click.echo(f"bench -> {path}/summary.md")
 
 

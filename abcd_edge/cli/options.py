@@ -96,11 +96,10 @@ def int_list(value: str, flag: str) -> tuple[int, ...]:
 
 # what each verb that takes only pixel-space artifacts says about a pipeline artifact (`pixel_artifact_only`)
 PIPELINE_NOT_YET = {
-    "bench": "the bench grid needs a calibrated controller and calibration of pipeline artifacts is not "
-             "implemented yet",
     "bench-runtime": "its bare-loop overhead and step-limit rows are defined for the pixel denoiser's loop; "
                      "pipeline artifacts (encode + steps + decode) are not implemented there yet",
-    "bench-schedules": "it scores calibrated schedules and calibration of pipeline artifacts is not implemented yet",
+    "bench-schedules": "its fixed-n table scores the pixel denoiser's schedules; a pipeline's are judged by its "
+                       "calibration gate (gate.md) and `abcd-edge bench`",
 }
 
 

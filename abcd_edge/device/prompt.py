@@ -92,6 +92,10 @@ class PromptEncoder:
     def cached(self, text: str) -> bool:
         return text in self._cache
 
+    def forget(self, text: str) -> None:
+        """Drop ``text``'s embedding from the cache (its next request encodes it again)."""
+        self._cache.pop(text, None)
+
     # ------------------------------------------------------------------------------------ encoding
     def embed(self, text: str) -> tuple[np.ndarray, Tokenized, bool]:
         """(last_hidden_state [1, L, D] float32, its tokens, whether the text encoder ran)."""

@@ -498,7 +498,8 @@ class AnytimeRuntime:
             clock="simulated (profile replay)" if clock.simulated else WALL_CLOCK_NOTE,
             artifact=self.artifact_dir, manifest_hash=self.manifest_hash, profile=self.profile_path,
             profile_device=self.profile.device_id,
-            controller=(self.controller_dir or "(passed in)") if self.controller is not None else None,
+            # the controller that planned this request (a pipeline's sits out at another guidance)
+            controller=(self.controller_dir or "(passed in)") if plan.context is not None else None,
             notes=list(self.notes) + list(reading.warnings),
         )
 

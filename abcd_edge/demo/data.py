@@ -28,12 +28,25 @@ SUPERSAMPLE = 4
 
 
 @dataclass(frozen=True)
+class Shape:
+    """One drawn shape, in unit image coordinates (centre x, y and radius as shares of the side)."""
+
+    kind: str
+    colour: str
+    cx: float
+    cy: float
+    r: float
+
+
+@dataclass(frozen=True)
 class Labels:
-    """Multi-hot kinds and colours present, and the shape count (1..MAX_SHAPES)."""
+    """Multi-hot kinds and colours present, the shape count (1..MAX_SHAPES), and the shapes in draw order
+    (what captions are made from, ``demo.captions``)."""
 
     kinds: np.ndarray  # [len(KINDS)] float32 0/1
     colours: np.ndarray  # [len(COLOURS)] float32 0/1
     count: int
+    shapes: tuple[Shape, ...] = ()
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -72,6 +85,7 @@ def make_example(seed: int, index: int, resolution: int = 32) -> tuple[np.ndarra
     count = int(rng.integers(1, MAX_SHAPES + 1))
     kinds = np.zeros(len(KINDS), np.float32)
     colours = np.zeros(len(COLOURS), np.float32)
+    shapes = []
     for _ in range(count):
         k = int(rng.integers(len(KINDS)))
         c = int(rng.integers(len(COLOURS)))
@@ -80,8 +94,9 @@ def make_example(seed: int, index: int, resolution: int = 32) -> tuple[np.ndarra
         _draw_shape(draw, KINDS[k], cx, cy, r, COLOURS[COLOUR_NAMES[c]], rng.uniform(0, np.pi))
         kinds[k] = 1.0
         colours[c] = 1.0
+        shapes.append(Shape(KINDS[k], COLOUR_NAMES[c], float(cx / big), float(cy / big), float(r / big)))
     image = canvas.resize((resolution, resolution), Image.Resampling.BOX)
-    return np.asarray(image, dtype=np.uint8), Labels(kinds, colours, count)
+    return np.asarray(image, dtype=np.uint8), Labels(kinds, colours, count, tuple(shapes))
 
 
 def make_images(seed: int, n: int, resolution: int = 32, start: int = 0) -> np.ndarray:

@@ -292,11 +292,43 @@ def test_a_component_of_another_pipeline_is_refused(tiny_sd_dir, tmp_path, exist
     _refused(folder3, existing_out, "8 latent channels", "another pipeline")
 
 
-def test_fp16_is_refused_for_pipelines(tiny_sd_dir, tmp_path):
-    # --trt builds one plan per component: tests/test_sd_tensorrt.py
-    res = CliRunner().invoke(main, ["export", "--model", str(tiny_sd_dir), "--out", str(tmp_path / "a"), "--fp16"])
-    one_line_error(res, "--fp16 is not supported for pipeline artifacts yet")
-    assert not (tmp_path / "a").exists()
+def test_fp16_per_component_drift_reported_and_run(tiny_lcm_dir, tiny_lcm_artifact, tmp_path):
+    """`export --fp16` writes <component>/model.fp16.onnx with its drift from fp32; `--precision fp16` runs
+    them (an image close to fp32's); an artifact without fp16 copies refuses --precision fp16 in one line."""
+    import json
+
+    from abcd_edge.formats.manifest import load_manifest, manifest_hash
+
+    out = tmp_path / "a16"
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_lcm_dir), "--out", str(out), "--fp16"])
+    assert res.exit_code == 0, res.output
+    m = load_manifest(out)                                  # files (fp16 ones too) verified by their sha256
+    for name, rec in m.pipeline["components"].items():
+        f16 = rec["fp16"]
+        assert (out / f16["file"]).is_file() and f16["file"] in m.files and f16["file"] == f"{name}/model.fp16.onnx"
+        assert 0 < f16["drift_max_rel"] <= f16["bound_rel"] and f16["usable"], (name, f16)
+        assert m.component_file(name, "fp16") == f16["file"] and m.component_file(name) == rec["file"]
+    assert manifest_hash(out) != manifest_hash(tiny_lcm_artifact)     # it computes in another precision
+    images = {}
+    for precision in ("fp32", "fp16"):
+        prof = tmp_path / f"{precision}.json"
+        r = CliRunner().invoke(main, ["profile", "--artifact", str(out), "--threads", "1", "--runs", "20",
+                                      "--power", "none", "--precision", precision, "--out", str(prof)])
+        assert r.exit_code == 0, r.output
+        r = CliRunner().invoke(main, ["run", "--artifact", str(out), "--profile", str(prof), "--threads", "1",
+                                      "--precision", precision, "--prompt", "a photo of a cat", "--budget", "2s",
+                                      "--sampler", "lcm", "--out", str(tmp_path / f"{precision}.png"),
+                                      "--report", str(tmp_path / f"{precision}-report.json")])
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / f"{precision}-report.json").read_text())["steps"] == 8
+        from PIL import Image
+        images[precision] = np.asarray(Image.open(tmp_path / f"{precision}.png"), np.float64)
+    diff = np.abs(images["fp16"] - images["fp32"])
+    assert diff.mean() < 2.0 and diff.max() <= 16, (diff.mean(), diff.max())
+    res = CliRunner().invoke(main, ["run", "--artifact", str(tiny_lcm_artifact), "--precision", "fp16", "--threads",
+                                    "1", "--budget", "1s", "--prompt", "a cat", "--out", str(tmp_path / "x.png")])
+    one_line_error(res, "--precision fp16", "has no fp16 components")
+    assert not (tmp_path / "x.png").exists()
 
 
 # ===================================================================== LDM layout, external data

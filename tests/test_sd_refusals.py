@@ -1,6 +1,7 @@
-"""The verbs that take only pixel-space artifacts refuse a pipeline artifact (issue 15): `calibrate`, `bench`,
-`bench-runtime`, `bench-schedules` each say in one line what they support, exit 2, before any work (the library
-entry points they would call are replaced by tripwires here, and nothing is written)."""
+"""The verbs that take only pixel-space artifacts refuse a pipeline artifact (issue 15): `bench-runtime` and
+`bench-schedules` each say in one line what they support, exit 2, before any work (the library entry points they
+would call are replaced by tripwires here, and nothing is written). `calibrate` and `bench` take pipeline artifacts
+(tests/test_sd_calibrate_bench.py)."""
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,6 @@ def _tripwire(*args, **kwargs):
 
 
 VERBS = {
-    "calibrate": (["--out", "{tmp}/calibration"], "abcd_edge.calibrate.calibrate"),
-    "bench": (["--out", "{tmp}/bench", "--grid", "quick"], "abcd_edge.bench.runner.bench_main"),
     "bench-runtime": (["--out", "{tmp}/runtime", "--budgets", "1s", "--requests", "1"],
                       "abcd_edge.bench.runtime_bench.run_runtime_bench"),
     "bench-schedules": (["--out", "{tmp}/schedule_fid.json", "--samples", "4"],
@@ -38,14 +37,12 @@ def test_pixel_only_verbs_refuse_a_pipeline_artifact(verb, tiny_sd_artifact, tmp
     assert line.startswith(f"abcd-edge: error: {verb}: artifact ") and "is a text-to-image pipeline" in line
     assert f"`abcd-edge {verb}` supports pixel-space artifacts (denoiser.onnx) only" in line
     assert PIPELINE_NOT_YET[verb] in line and "`abcd-edge run` take pipeline artifacts" in line
-    if verb in ("calibrate", "bench", "bench-schedules"):
-        assert "calibration of pipeline artifacts is not implemented yet" in line
     assert not list(tmp_path.iterdir())                       # nothing written
 
 
 def test_pixel_artifacts_and_unreadable_folders_pass_the_check(tmp_path):
-    assert pixel_artifact_only(paths.DEMO_ARTIFACT_DIR, "calibrate") is None      # the committed demo (pixel)
-    assert pixel_artifact_only(None, "bench") is None                              # the verb's default
+    assert pixel_artifact_only(paths.DEMO_ARTIFACT_DIR, "bench-runtime") is None  # the committed demo (pixel)
+    assert pixel_artifact_only(None, "bench-schedules") is None                    # the verb's default
     assert pixel_artifact_only(tmp_path / "missing", "bench-runtime") is None     # the verb names what is wrong
     (tmp_path / "manifest.json").write_text("{not json")
     assert pixel_artifact_only(tmp_path, "bench-schedules") is None

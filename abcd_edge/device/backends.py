@@ -271,7 +271,10 @@ def open_denoiser(artifact_dir: str | Path, backend: str = "ort-cpu", threads: i
         check_trt_plan(manifest)
         return TrtDenoiser(meta["plan_path"])
     name = getattr(manifest, "denoiser_file", "denoiser.onnx")
-    if precision == "fp16":
+    if precision == "fp16" and manifest.pipeline is not None:     # per component (export --fp16)
+        manifest.check_pipeline_precision(precision, str(artifact_dir))
+        name = manifest.component_file("unet", precision)
+    elif precision == "fp16":
         fp16 = manifest.fp16
         if not fp16:
             raise UserError(f"--precision fp16: artifact {str(artifact_dir)!r} has no denoiser.fp16.onnx; export it "

@@ -169,15 +169,17 @@ class LatentPipeline:
 
 
 def open_pipeline(artifact_dir: str | Path, manifest, unet, backend: str = "ort-cpu",
-                  threads: int | None = None) -> LatentPipeline:
-    """The prompt encoder and decoders of a pipeline artifact, on ``backend``, around an opened ``unet``."""
+                  threads: int | None = None, precision: str = "fp32") -> LatentPipeline:
+    """The prompt encoder and decoders of a pipeline artifact, on ``backend``, around an opened ``unet``
+    (``precision`` "fp16": each component's fp16 copy where its export marked it usable)."""
     from abcd_edge.device.backends import OrtComponent
     from abcd_edge.device.prompt import PromptEncoder
 
     artifact_dir = Path(artifact_dir)
     comps = manifest.pipeline["components"]
-    encoder = (PromptEncoder(artifact_dir, manifest, backend=backend, threads=threads)
+    encoder = (PromptEncoder(artifact_dir, manifest, backend=backend, threads=threads, precision=precision)
                if "text_encoder" in comps else None)
-    decoders = {name: OrtComponent(artifact_dir / manifest.component_file(name), backend=backend, threads=threads)
+    decoders = {name: OrtComponent(artifact_dir / manifest.component_file(name, precision), backend=backend,
+                                   threads=threads)
                 for name in manifest.pipeline.get("decoders", ["vae_decoder"]) if name in comps}
     return LatentPipeline(manifest, unet, encoder, decoders)

@@ -45,7 +45,7 @@ class PromptEncoder:
     """Tokenizer + text encoder of a pipeline artifact (spec: docs/sd-pipeline-spec.md)."""
 
     def __init__(self, artifact_dir: str | Path, manifest, backend: str = "ort-cpu", threads: int | None = None,
-                 cache_size: int = CACHE_SIZE):
+                 cache_size: int = CACHE_SIZE, precision: str = "fp32"):
         from abcd_edge.device.backends import OrtComponent
 
         try:
@@ -66,8 +66,8 @@ class PromptEncoder:
         self.max_length = int(spec["model_max_length"])
         self.pad_id, self.bos_id, self.eos_id = int(spec["pad_token_id"]), int(spec["bos_token_id"]), \
             int(spec["eos_token_id"])
-        self.model = OrtComponent(artifact_dir / manifest.component_file("text_encoder"), backend=backend,
-                                  threads=threads)
+        self.model = OrtComponent(artifact_dir / manifest.component_file("text_encoder", precision),
+                                  backend=backend, threads=threads)
         self.backend = backend
         self._cache: OrderedDict[str, tuple[np.ndarray, Tokenized]] = OrderedDict()
         self.cache_size = cache_size

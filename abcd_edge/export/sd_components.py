@@ -172,8 +172,9 @@ def _compare(outs, refs) -> tuple[float, float]:
 
 
 def export_and_check(comp: Component, tmp: Path, opset: int, external_bytes: int, threads: int,
-                      parity_tol: float) -> dict:
-    """Export ``comp`` to ``tmp/<name>/model.onnx``, check parity and count FLOPs; its manifest record."""
+                      parity_tol: float, fp16_bound: float | None = None) -> dict:
+    """Export ``comp`` to ``tmp/<name>/model.onnx``, check parity and count FLOPs; its manifest record (with
+    ``fp16``: the fp16 copy's drift, when ``fp16_bound`` is given, see :func:`export_fp16_component`)."""
     import torch
 
     from abcd_edge.export.flops import count_flops
@@ -228,6 +229,50 @@ def export_and_check(comp: Component, tmp: Path, opset: int, external_bytes: int
     if rel > FLOPS_TOL:
         rec["flops_note"] = (f"FLOPs from the ONNX graph ({counted['total']:.4g}) and torch.utils.flop_counter "
                              f"({flops_t:.4g}) differ by {rel:.1%} (> {FLOPS_TOL:.0%})")
+    if fp16_bound is not None:
+        rec["fp16"] = export_fp16_component(comp, folder, args, opset, external, threads, outs, fp16_bound)
     return rec
+
+
+FP16_FILE = "model.fp16.onnx"
+
+
+def export_fp16_component(comp: Component, folder: Path, args, opset: int, external: bool, threads: int,
+                          fp32_outs: list[np.ndarray], bound: float) -> dict:
+    """``<component>/model.fp16.onnx``: the component's weights and activations in fp16 (torch half export),
+    float32 in and out (casts inside; the UNet's timestep stays float32: diffusers casts its sinusoid), and its
+    drift from the fp32 ONNX on the parity inputs (max abs, and relative to the fp32 output scale). ``usable``
+    is False over ``bound`` (relative) or where fp16 overflows (non-finite outputs)."""
+    import copy
+
+    import torch
+
+    from abcd_edge.export.onnx_export import export_onnx, ort_session
+
+    inner = copy.deepcopy(comp.module).half()
+    names = [i["name"] for i in comp.inputs]
+
+    class HalfIO(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *xs):
+            xs = [x.half() if x.is_floating_point() and n != "timestep" else x for n, x in zip(names, xs)]
+            return self.inner(*xs).float()
+
+    path = folder / FP16_FILE
+    try:
+        exporter = export_onnx(HalfIO().eval(), args, path, names, opset, external,
+                               output_names=[o["name"] for o in comp.outputs])
+        session = ort_session(path, threads)
+        outs = [session.run(None, feed)[0] for b in comp.batches for feed in comp.feeds(b)]
+    except Exception as exc:  # noqa: BLE001  (torch, onnx or ORT: the component has no fp16 form here)
+        raise ExportError(f"fp16 export of the {comp.name} failed ({first_line(exc)}); export without --fp16") from None
+    finite = all(np.isfinite(o).all() for o in outs)
+    max_abs, max_rel = _compare(outs, fp32_outs) if finite else (1e30, 1e30)
+    return {"file": f"{comp.name}/{FP16_FILE}", "method": f"torch half export ({exporter}), weights and activations "
+            "fp16, float32 I/O", "drift_vs": "fp32 ONNX on ORT CPU, parity inputs", "drift_max_abs": max_abs,
+            "drift_max_rel": max_rel, "bound_rel": float(bound), "usable": bool(finite and max_rel <= bound)}
 
 

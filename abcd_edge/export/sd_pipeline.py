@@ -49,6 +49,7 @@ __all__ = ["export_latent_pipeline", "latent_pipeline_kind", "PIPELINE_PARITY_TO
 
 PIPELINE_PARITY_TOL = 1e-4          # fp32 ORT vs torch, max abs error relative to max |torch output|
 EXTERNAL_DATA_BYTES = 1_800_000_000  # a component's weights above this go to model.onnx.data (protobuf: 2 GB)
+FP16_COMPONENT_BOUND = 2e-2         # fp16 ORT vs fp32 ORT, max abs relative to the fp32 output scale; over it: unused
 SD_GUIDANCE, LCM_GUIDANCE = 7.5, 8.5   # StableDiffusionPipeline's and LatentConsistencyModelPipeline's defaults
 PLAN_FILE = "model.plan"                 # `--trt`: <component>/model.plan (device-specific, git-ignored)
 TIMING_CACHE_FILE = "pipeline.timing.cache"   # one TensorRT timing cache shared by the components' builds
@@ -188,9 +189,6 @@ def export_latent_pipeline(kind: str, root: Path, source: str, out: Path, batch_
     from abcd_edge.io import atomic_dir
 
     where = f"--model {source!r}"
-    if fp16:
-        raise UserError(f"{where}: --fp16 is not supported for pipeline artifacts yet (no fp16 ONNX per component; "
-                        "--trt builds fp16 TensorRT plans by the builder flag); export without it")
     threads = threads or torch.get_num_threads()
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel, UNet2DModel, VQModel
 
@@ -290,7 +288,8 @@ def export_latent_pipeline(kind: str, root: Path, source: str, out: Path, batch_
         bar.stage("export")
         records = {}
         for comp in comps:
-            records[comp.name] = export_and_check(comp, tmp, opset, external_bytes, threads, parity_tol)
+            records[comp.name] = export_and_check(comp, tmp, opset, external_bytes, threads, parity_tol,
+                                                  FP16_COMPONENT_BOUND if fp16 else None)
         bar.stage("check")
         if tiny_folder is not None:
             shp = records["vae_decoder_tiny"]["outputs"][0]["shape"]
@@ -305,9 +304,13 @@ def export_latent_pipeline(kind: str, root: Path, source: str, out: Path, batch_
         bar.stage("write")
         files = {}
         for rec in records.values():
-            for f in (rec["file"], rec["file"] + ".data"):
+            for f in (rec["file"], rec["file"] + ".data", *((rec["fp16"]["file"], rec["fp16"]["file"] + ".data")
+                                                             if "fp16" in rec else ())):
                 if (tmp / f).is_file():
                     files[f] = sha256_file(tmp / f)
+            if rec.get("fp16") and not rec["fp16"]["usable"]:
+                notes.append(f"{rec['file'].split('/')[0]}: fp16 drift {rec['fp16']['drift_max_rel']:.3g} of the "
+                             f"output scale exceeds {FP16_COMPONENT_BOUND:g}: --precision fp16 keeps it in fp32")
         if tok_rec is not None:
             files[tok_rec["file"]] = sha256_file(tmp / tok_rec["file"])
         u = records["unet"]

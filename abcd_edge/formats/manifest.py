@@ -235,13 +235,28 @@ class Manifest:
     def is_pipeline(self) -> bool:
         return self.pipeline is not None
 
-    def component_file(self, name: str) -> str:
-        """The artifact-relative file of pipeline component ``name`` (UserError naming what there is)."""
+    def component_file(self, name: str, precision: str = "fp32") -> str:
+        """The artifact-relative file of pipeline component ``name`` (UserError naming what there is); at
+        ``precision`` "fp16" its fp16 copy where the export marked it usable (``export --fp16``), else fp32."""
         comps = (self.pipeline or {}).get("components", {})
         if name not in comps:
             have = ", ".join(comps) or "none (a pixel denoiser artifact)"
             raise UserError(f"the artifact has no {name!r} component; it has: {have}")
-        return comps[name]["file"]
+        fp16 = comps[name].get("fp16") or {}
+        return fp16["file"] if precision == "fp16" and fp16.get("usable") else comps[name]["file"]
+
+    def check_pipeline_precision(self, precision: str, where: str) -> list[str]:
+        """A pipeline artifact at ``precision``: refused in one line when fp16 was asked and its export made no
+        fp16 copies; else the notes (components kept in fp32 because their fp16 drift was over the bound)."""
+        comps = (self.pipeline or {}).get("components", {})
+        if precision != "fp16":
+            return []
+        if not any("fp16" in c for c in comps.values()):
+            raise UserError(f"--precision fp16: artifact {where!r} has no fp16 components; export it with "
+                            "`abcd-edge export --fp16`, or use --precision fp32")
+        return [f"--precision fp16: {name} stays fp32 (its fp16 drift {c['fp16']['drift_max_rel']:.3g} of the "
+                f"output scale was over the export's bound)" for name, c in comps.items()
+                if "fp16" in c and not c["fp16"]["usable"]]
 
     @property
     def fp16_usable(self) -> bool:

@@ -109,7 +109,7 @@ def measure_profile(artifact_dir: str | Path, backend: str = "ort-cpu", threads:
     pipeline_profile = None
     if manifest.pipeline is not None:
         bp, pipeline_profile = _measure_pipeline(artifact_dir, manifest, denoiser, meter, schedule, rng, runs, warmup,
-                                                 backend, threads, warnings)
+                                                 backend, threads, warnings, precision)
         results.append(bp)
         bar.update(4)
         batches = ()
@@ -195,13 +195,14 @@ COMPONENT_MAX_RUNS = 100    # text encodings and decodes timed per component (a 
 
 def _measure_pipeline(artifact_dir: Path, manifest, unet, meter, schedule, rng: np.random.Generator, runs: int,
                       warmup: int, backend: str, threads: int | None,
-                      warnings: list[str]) -> tuple[BatchProfile, PipelineProfile]:
+                      warnings: list[str], precision: str = "fp32") -> tuple[BatchProfile, PipelineProfile]:
     """A pipeline artifact's components (see the module docstring): the batch-1 profile the planner reads
     (step at the default guidance, finishing = the VAE decode) and the per-component record."""
     from abcd_edge.core.images import png_bytes, to_uint8
     from abcd_edge.device.pipeline import open_pipeline
 
-    pl = open_pipeline(artifact_dir, manifest, unet, backend=backend, threads=threads)
+    pl = open_pipeline(artifact_dir, manifest, unet, backend=backend, threads=threads, precision=precision)
+    warnings.extend(manifest.check_pipeline_precision(precision, str(artifact_dir)))
     spec = manifest.pipeline["components"]
     shape = (1, manifest.channels, manifest.resolution, manifest.resolution)
     x = rng.standard_normal(shape).astype(np.float32)

@@ -123,7 +123,8 @@ def discover(artifact_dir: str | Path | None, profile: str | Path | None = None,
     if getattr(manifest, "pipeline", None) is not None:
         from abcd_edge.device.pipeline import open_pipeline
 
-        pipeline = open_pipeline(artifact_dir, manifest, denoiser, backend=backend, threads=threads)
+        pipeline = open_pipeline(artifact_dir, manifest, denoiser, backend=backend, threads=threads,
+                                 precision=precision)
     device = hardware.device_id(backend, threads, precision=precision)
     profile_path = Path(profile) if profile is not None else find_or_measure_profile(
         artifact_dir, mhash, device, backend, threads, power, quick_profile_runs, precision)

@@ -35,10 +35,10 @@ def to_model_space(images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
 
 
-def image_grid(images: np.ndarray) -> np.ndarray:
-    """uint8 [N,H,W,3] -> one uint8 image, near-square grid."""
+def image_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+    """uint8 [N,H,W,3] -> one uint8 image: rows of ``cols`` images (default: a near-square grid)."""
     n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = np.zeros((rows * h, cols * w, c), np.uint8)
     for k in range(n):
@@ -88,11 +88,11 @@ def image_format(path: str | Path, flag: str = "--out") -> str:
     return IMAGE_FORMATS[suffix]
 
 
-def save_png(images: np.ndarray, path: str | Path, scale: int = 4) -> None:
-    """Write the images (a grid when several) as a PNG, upscaled for viewing, atomically."""
+def save_png(images: np.ndarray, path: str | Path, scale: int = 4, cols: int | None = None) -> None:
+    """Write the images (a grid when several, rows of ``cols``) as a PNG, upscaled for viewing, atomically."""
     from abcd_edge.io import write_bytes_atomic
 
-    write_bytes_atomic(path, png_bytes(image_grid(images), scale))
+    write_bytes_atomic(path, png_bytes(image_grid(images, cols), scale))
 
 
 def save_image(images: np.ndarray, path: str | Path, scale: int = 4) -> None:

@@ -22,6 +22,15 @@ EVAL_REF_SEED = 8765                            # ... and of the evaluation net'
 REF_N = 2048
 
 
+def feature_net_dir(role: str, side: int) -> Path:
+    """The shipped feature net of ``role`` ("calibration" | "evaluation") for images of ``side`` pixels: the one
+    trained at that size where it is shipped (``export/featurenet128``, ``export/evalnet128``), else the
+    32 x 32 one (images are then fitted to it by an integer factor, ``quality.fit_images``)."""
+    base = FEATURENET_DIR if role == "calibration" else EVALNET_DIR
+    own = base.parent / f"{base.name}{side}"
+    return own if (own / "featurenet.onnx").is_file() else base
+
+
 def portable(path: str | os.PathLike) -> str:
     """A path as results meant for committing record it: relative to the repository when inside it, so a
     bench made in one clone resumes in another."""

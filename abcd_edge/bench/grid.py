@@ -43,7 +43,8 @@ class GridSpec:
     ref_seed: int = REF_SEED
     ref_n: int = REF_N
     warmup_requests: int = 2      # per tier and method, not recorded
-    evaluation_net: str = str(paths.EVALNET_DIR)   # the feature net that scores (its sha is in the config key)
+    evaluation_net: str | None = None  # the feature net that scores (None: the shipped one for the image size;
+                                       # its path and sha are in the quality description, so in the config key)
     prompts: str | None = None    # a text-to-image pipeline's prompt file: request seed s gets line s mod lines
     guidance: float | None = None  # ... and the guidance every method runs at (default: the artifact's)
 
@@ -139,7 +140,8 @@ def parse_grid_args(grid: str | None = None, profiles: Any = None, budgets: Any 
                                                          samples, batch, teacher_steps)) else f"{name}+custom",
                     artifact=str(artifact) if artifact else str(paths.DEMO_ARTIFACT_DIR),
                     controller=controller or "auto", prompts=None if prompts is None else str(prompts),
-                    guidance=guidance, evaluation_net=str(evaluation_net or paths.EVALNET_DIR), **base)
+                    guidance=guidance, evaluation_net=None if evaluation_net is None else str(evaluation_net),
+                    **base)
     validate_spec(spec)
     return spec
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from abcd_edge import paths
 from abcd_edge.bench.grid import ALL_RHO, METHODS, REF_N, REF_SEED, STATIC_METHODS
-from abcd_edge.bench.store import (RESULTS_CSV, FEATURES_DIR, block_key, load_features,
+from abcd_edge.bench.store import (RESULTS_CSV, FEATURES_DIR, block_key, load_features, load_prompt_exact,
                                    read_csv, stream_key)
 from abcd_edge.core.budget import parse_budget
 from abcd_edge.errors import UserError
@@ -25,11 +25,13 @@ BOOTSTRAP_FID = 200
 # ------------------------------------------------------------------------------------ quality backend
 
 class Quality:
-    """Feature extractor + reference statistics: ``features(uint8 NHWC)`` and ``fid(features)``."""
+    """Feature extractor + reference statistics: ``features(uint8 NHWC)`` and ``fid(features)``; with a net that
+    has prediction heads also ``prompt_exact(images, prompts)`` -> bool per image (prompt accuracy)."""
 
     def __init__(self, features: Callable[[np.ndarray], np.ndarray], fid: Callable[[np.ndarray], float],
-                 description: str):
+                 description: str, prompt_exact: Callable[[np.ndarray, list[str]], np.ndarray] | None = None):
         self.features, self.fid, self.description = features, fid, description
+        self.prompt_exact = prompt_exact
 
     @classmethod
     def default(cls, resolution: int, ref_seed: int = REF_SEED, ref_n: int = REF_N,
@@ -50,16 +52,23 @@ class Quality:
         except UserError as exc:
             return None, f"feature-FID not measured: {exc}"
         fitted = "" if side == resolution else f", {resolution}x{resolution} images fitted to its {side}x{side}"
+        exact = None
+        if net.has_heads:
+            from abcd_edge.quality import score_prompts
+
+            def exact(images: np.ndarray, prompts: list[str]) -> np.ndarray:
+                pred = net.predict(fit_images(images, side, side))
+                return score_prompts(pred, prompts, net.labels, resamples=1).per_image
         return cls(lambda images: net.features(fit_images(images, side, side)), ref.fid_to_reference,
                    f"feature-FID (evaluation net {paths.portable(Path(net_dir))} sha256 {net.sha256[:12]}{fitted}, "
-                   f"reference: generator data seed {ref_seed}, n={ref_n})"), ""
+                   f"reference: generator data seed {ref_seed}, n={ref_n})", exact), ""
 
     @classmethod
     def for_manifest(cls, manifest, ref_seed: int = REF_SEED, ref_n: int = REF_N,
                      net_dir: str | Path | None = None) -> tuple["Quality | None", str]:
         """:meth:`default` for the images an artifact makes (a pipeline's: its decoded image side)."""
         side = int(manifest.pipeline["image"]["resolution"]) if manifest.pipeline else int(manifest.resolution)
-        return cls.default(side, ref_seed, ref_n, net_dir or paths.EVALNET_DIR)
+        return cls.default(side, ref_seed, ref_n, net_dir or paths.feature_net_dir("evaluation", side))
 
 
 # ------------------------------------------------------------------------------------ pure functions
@@ -143,6 +152,8 @@ class Cell:
     fid_ci: tuple | None = None
     fid_all: float | None = None        # every image, late ones included: quality on a loaded machine
     fid_all_ci: tuple | None = None
+    prompt_acc: float | None = None     # share of on-time images showing what their prompt names
+    prompt_acc_ci: tuple | None = None
     n_on_time: int = 0
     n_refused: int = 0
     util: float | None = None
@@ -213,6 +224,10 @@ def _fill_cell(cell: Cell, rs: list[dict], quality_fid, feat_dir: Path, setting:
                 cell.n_on_time, cell.fid, cell.fid_ci = int(sum(len(p) for p in per_seed)), fid, ci
             else:
                 cell.fid_all, cell.fid_all_ci = fid, ci
+    exact = [e for e in (load_prompt_exact(feat_dir, block_key(*setting, s), stream) for s in seeds) if e is not None]
+    if exact and sum(len(e) for e in exact):
+        share = lambda g: float(np.concatenate(g).mean()) if sum(len(e) for e in g) else None  # noqa: E731
+        cell.prompt_acc, cell.prompt_acc_ci = share(exact), bootstrap_ci(exact, share, seed=4)
 
 
 def predictor_errors(out: Path) -> list[dict]:

@@ -287,6 +287,8 @@ def _run_tier(sess: TierSession, spec: GridSpec, todo, teacher: TeacherCache, qu
         teach = teacher.get(spec.request_seeds(seed), batch, shape)
         feats: dict[str, list[np.ndarray]] = {}
         ontime: dict[str, list[np.ndarray]] = {}
+        exact: dict[str, list[np.ndarray]] = {}
+        judge_prompts = quality is not None and quality.prompt_exact is not None and sess.text.prompts is not None
         order = list(range(len(plans)))
         for r, rs in enumerate(spec.request_seeds(seed)):
             rot = order[r % len(order):] + order[:r % len(order)]   # rotate so no method always runs first
@@ -312,6 +314,9 @@ def _run_tier(sess: TierSession, spec: GridSpec, todo, teacher: TeacherCache, qu
                     pk = stream_key(p.method, p.rho)
                     feats.setdefault(pk, []).append(np.asarray(quality.features(res.images), np.float32))
                     ontime.setdefault(pk, []).append(np.full(len(res.images), bool(res.deadline_met)))
-        save_block_features(feat_dir, bk, feats, ontime)
+                    if judge_prompts:
+                        exact.setdefault(pk, []).append(
+                            quality.prompt_exact(res.images, [sess.text.prompt_for(rs)] * len(res.images)))
+        save_block_features(feat_dir, bk, feats, ontime, exact)
         rows.append(row("-", "", None, -1, -1, "block-end"))
         append_csv(csv_path, rows)

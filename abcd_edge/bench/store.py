@@ -141,14 +141,17 @@ def prune_features(feat_dir: Path, kept_blocks: set[str]) -> None:
 
 
 def save_block_features(feat_dir: Path, block: str, feats: dict[str, list[np.ndarray]],
-                        on_time: dict[str, list[np.ndarray]]) -> None:
+                        on_time: dict[str, list[np.ndarray]],
+                        prompt_exact: dict[str, list[np.ndarray]] | None = None) -> None:
     """Replace a block's features files: one per stream (an earlier run's, e.g. of a method now refused,
-    does not survive)."""
+    does not survive); with prompts, also whether each image shows what its prompt names."""
     for stale in Path(feat_dir).glob(f"{slug(block)}__*.npz"):
         stale.unlink()
     for stream, fs in feats.items():
+        extra = {"prompt_exact": np.concatenate(prompt_exact[stream])} if prompt_exact and stream in prompt_exact \
+            else {}
         with open(features_path(feat_dir, block, stream), "wb") as f:
-            np.savez(f, features=np.concatenate(fs), on_time=np.concatenate(on_time[stream]))
+            np.savez(f, features=np.concatenate(fs), on_time=np.concatenate(on_time[stream]), **extra)
 
 
 def load_features(feat_dir: Path, block: str, stream: str, on_time_only: bool = True) -> np.ndarray | None:
@@ -159,3 +162,12 @@ def load_features(feat_dir: Path, block: str, stream: str, on_time_only: bool = 
         return None
     with np.load(path, allow_pickle=False) as z:
         return z["features"][z["on_time"].astype(bool)] if on_time_only else z["features"]
+
+
+def load_prompt_exact(feat_dir: Path, block: str, stream: str) -> np.ndarray | None:
+    """Per on-time image of a block's stream: whether it shows what its prompt names (None: not measured)."""
+    path = features_path(feat_dir, block, stream)
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return z["prompt_exact"][z["on_time"].astype(bool)].astype(bool) if "prompt_exact" in z.files else None

@@ -67,6 +67,8 @@ def render_summary(cells: list[dict], meta: dict, preds: list[dict], wins: list[
         ("Feature-FID of on-time images (QUB) · success", "fid", False, "min", "fid_ci"),
         ("Feature-FID of every image, late ones included (quality on a loaded machine) · success", "fid_all",
          False, "min", "fid_all_ci"),
+        ("Prompt accuracy of on-time images (predicted kinds, colours and count all as the prompt names)",
+         "prompt_acc", True, "max", "prompt_acc_ci"),
         ("Latency utilisation (latency / B, all served requests)", "util", False, "min", "util_ci"),
         ("Mean denoiser steps", "steps", False, None, None),
         ("Teacher PSNR of on-time images (dB, vs the many-step DDIM)", "psnr", False, "max", None),
@@ -75,6 +77,10 @@ def render_summary(cells: list[dict], meta: dict, preds: list[dict], wins: list[
     for title, key, pct, best, ci_key in metrics:
         L.append(f"## {title}")
         L.append("")
+        if key == "prompt_acc" and all(c.get("prompt_acc") is None for c in cells):
+            L.pop()
+            L.pop()
+            continue
         if key == "energy" and all(c["energy"] is None for c in cells):
             L.append("Not measured: no usable power meter on this machine (and none on a replay tier).")
             L.append("")

@@ -13,6 +13,7 @@ fixed order and each takes what it needs from ``state.rng`` in turn.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -69,8 +70,8 @@ class CalibrationConfig:
     l1_kl: float = 0.05
     threads: int = 2
     seed: int = 0
-    calibration_net: str = str(paths.FEATURENET_DIR)   # what the search optimises (feature net folder)
-    evaluation_net: str = str(paths.EVALNET_DIR)       # what judges: never optimised against
+    calibration_net: str | None = None   # what the search optimises (feature net folder; None: the shipped one for
+    evaluation_net: str | None = None    # the artifact's image size) / what judges: never optimised against
     prompts: str | None = None     # a text-to-image pipeline's prompt file (every other line held out)
     guidance: float | None = None  # ... and its guidance scale (default: the artifact's)
 
@@ -266,6 +267,10 @@ class CalibrationState:
         torch.manual_seed(config.seed)
         torch.set_num_threads(config.threads)
         rollouts = Rollouts.open(artifact, manifest, schedule, config.threads, config.guidance)
+        side = rollouts.image_resolution
+        config = dataclasses.replace(   # the nets by the image size, recorded as the folders used
+            config, calibration_net=str(config.calibration_net or paths.feature_net_dir("calibration", side)),
+            evaluation_net=str(config.evaluation_net or paths.feature_net_dir("evaluation", side)))
         if config.ays and unet is None:
             unet = load_torch_unet(manifest)
         cal_net = FeatureNet(config.calibration_net, threads=config.threads)

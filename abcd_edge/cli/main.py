@@ -328,10 +328,13 @@ def profile(artifact, backend, threads, power, precision, batch, runs, out, forc
 @click.option("--ays/--no-ays", default=False, show_default=True,
               help="Also retrain the AYS-like baseline the bench compares with (slow; without it the "
                    "folder's existing ays.json for this artifact is kept).")
-@click.option("--calibration-net", default=str(paths.FEATURENET_DIR), show_default=True, type=click.Path(),
-              help="Feature network folder whose statistics the search optimises (featurenet.onnx + reference).")
-@click.option("--evaluation-net", default=str(paths.EVALNET_DIR), show_default=True, type=click.Path(),
-              help="Feature network folder that judges the gate: another network, never optimised against.")
+@click.option("--calibration-net", default=None, type=click.Path(),
+              help="Feature network folder whose statistics the search optimises (featurenet.onnx + reference); "
+                   "default: the shipped one for the artifact's image size (export/featurenet, or "
+                   "export/featurenet<side> where shipped).")
+@click.option("--evaluation-net", default=None, type=click.Path(),
+              help="Feature network folder that judges the gate: another network, never optimised against; "
+                   "default: export/evalnet (export/evalnet<side> where shipped).")
 @threads_option
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seed of the search's training noises and of the generator's fit (the gate's held-out "

@@ -153,8 +153,11 @@ def test_bench_a_pipeline_through_the_cli(sd_setup, nets, tmp_path):
     methods = {r["method"] for r in ok}
     assert {"uniform", "karras", "logsnr", "stepdrop", "buco-mwg", "abcd", "oracle"} <= methods
     assert {r["status"] for r in rows if r["method"] == "ays"} == {"unavailable"}   # no AYS table for it
-    # every request seed of every method: one image, its latency measured, steps taken
-    assert all(float(r["latency_ms"]) > 0 and float(r["steps"]) >= 1 for r in ok)
+    # every request seed of every method: one image, its latency measured, steps taken (the static methods have
+    # no guard: at least one step; ABCD's guard may abandon a first step a loaded machine makes late)
+    assert all(float(r["latency_ms"]) > 0 for r in ok)
+    assert all(float(r["steps"]) >= 1 for r in ok if r["method"] != "abcd")
+    assert all(float(r["steps"]) >= 1 or r["exit_reason"] != "done" for r in ok)
     abcd = [r for r in ok if r["method"] == "abcd"]
     assert len(abcd) == 2 * 2 * 2 * 3 and all(r["deadline_met"] == "True" for r in abcd)
     meta = json.loads((out / "bench.json").read_text())
@@ -170,6 +173,52 @@ def test_bench_a_pipeline_through_the_cli(sd_setup, nets, tmp_path):
               "--out", out)
     assert res.exit_code == 0, res.output
     assert len(list(csv.DictReader(open(out / "results.csv")))) == len(rows)
+
+
+@pytest.fixture(scope="module")
+def headed_net(tmp_path_factory) -> Path:
+    """A tiny 32 x 32 feature net exported with its prediction heads (a few steps: its judgement is poor, but
+    real), with reference statistics for 16 px images."""
+    torch = pytest.importorskip("torch")
+    from abcd_edge.demo import featurenet as fn
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("headed") / "net"
+    fn.train(out, n_train=48, n_heldout=16, steps=3, batch=8, lr=2e-3, threads=1, seed=0, widths=(8, 16),
+             depths=(1, 1), onnx_heads=True)
+    subprocess.run([sys.executable, "-m", "abcd_edge.demo.reference", "--seed", str(paths.EVAL_REF_SEED), "--n",
+                    str(paths.REF_N), "--resolution", "16", "--featurenet", str(out)], check=True, capture_output=True)
+    return out
+
+
+def test_bench_prompt_sets_prompt_accuracy_and_the_seed_claims(sd_setup, headed_net, tmp_path):
+    """Labelled prompt sets split every block's requests; the evaluation net's heads give prompt accuracy per
+    cell and per set; --max-steps caps every method; the seed's claims are printed beside ABCD vs uniform."""
+    art, prof, cal = sd_setup
+    (tmp_path / "easy.txt").write_text("a red circle\na blue square\n")
+    (tmp_path / "hard.txt").write_text("three red circles\na red circle, a blue square and a green ring\n")
+    out = tmp_path / "bench"
+    res = cli("bench", "--artifact", art, "--profiles", f"real:{prof}", "--budgets", "300ms", "--samplers", "ddim",
+              "--quality", "0.5,1.0", "--methods", "uniform,abcd,oracle", "--seeds", 2, "--samples", 8, "--batch", 1,
+              "--teacher-steps", 10, "--prompts", f"easy={tmp_path / 'easy.txt'},hard={tmp_path / 'hard.txt'}",
+              "--max-steps", 3, "--controller", cal, "--evaluation-net", headed_net, "--out", out)
+    assert res.exit_code == 0, res.output
+    rows = [r for r in csv.DictReader(open(out / "results.csv")) if r["status"] == "ok"]
+    assert rows and all(int(float(r["planned_steps"])) <= 3 for r in rows if r["method"] != "oracle")
+    summary = json.loads((out / "summary.json").read_text())
+    accs = [c["prompt_acc"] for c in summary["cells"] if c["status"] == "ok"]
+    assert accs and all(a is not None and 0.0 <= a <= 1.0 for a in accs)
+    sets = summary["prompt_sets"]
+    assert {r["set"] for r in sets} == {"easy", "hard"}
+    abcd = [r for r in sets if r["method"] == "abcd"]
+    assert abcd and all(r["n"] == 4 and r["steps"] <= 3 for r in abcd)    # 8 requests a stream: 4 per set
+    assert summary["seed_claims"] and summary["seed_claims"][0]["setting"].endswith("300ms ddim")
+    md = (out / "summary.md").read_text()
+    assert "## Prompt accuracy of on-time images" in md and "## Prompt sets: steps spent" in md
+    assert "+12 pp" in md and "-13 %" in md
+    one_line_error(cli("bench", "--artifact", art, "--profiles", f"real:{prof}", "--batch", 1, "--prompts",
+                       f"easy={tmp_path / 'easy.txt'},easy={tmp_path / 'hard.txt'}", "--out", tmp_path / "b2"),
+                   "labels repeat")
 
 
 def test_every_method_encodes_its_prompt_inside_its_clock(sd_setup, monkeypatch):

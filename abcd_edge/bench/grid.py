@@ -45,15 +45,17 @@ class GridSpec:
     warmup_requests: int = 2      # per tier and method, not recorded
     evaluation_net: str | None = None  # the feature net that scores (None: the shipped one for the image size;
                                        # its path and sha are in the quality description, so in the config key)
-    prompts: str | None = None    # a text-to-image pipeline's prompt file: request seed s gets line s mod lines
+    prompts: str | None = None    # a text-to-image pipeline's prompt file(s) (bench/text.py: "FILE" or
+                                  # "label=FILE,label=FILE", e.g. easy=...,hard=...)
     guidance: float | None = None  # ... and the guidance every method runs at (default: the artifact's)
+    max_steps: int | None = None  # every method's plan capped at this many steps (e.g. 6: "Consistency-6")
 
     def key_fields(self) -> dict:
         """What of the spec the results depend on (a pixel grid's key is what it was before prompts existed)."""
         out = asdict(self)
         for where in ("name", "artifact", "evaluation_net"):
             out.pop(where)
-        for optional in ("prompts", "guidance"):
+        for optional in ("prompts", "guidance", "max_steps"):
             if out[optional] is None:
                 out.pop(optional)
         return out
@@ -104,7 +106,7 @@ def parse_grid_args(grid: str | None = None, profiles: Any = None, budgets: Any 
                     quality: Any = None, methods: Any = None, seeds: int | None = None, samples: int | None = None,
                     batch: int | None = None, artifact: str | None = None, controller: str | None = None,
                     teacher_steps: int | None = None, prompts: str | None = None, guidance: float | None = None,
-                    evaluation_net: str | None = None) -> GridSpec:
+                    evaluation_net: str | None = None, max_steps: int | None = None) -> GridSpec:
     """A named grid (quick, full; default quick) with any of its axes overridden; validated.
 
     Lists are Python lists or comma-separated strings. ``profiles`` items are profile JSON paths
@@ -141,7 +143,7 @@ def parse_grid_args(grid: str | None = None, profiles: Any = None, budgets: Any 
                     artifact=str(artifact) if artifact else str(paths.DEMO_ARTIFACT_DIR),
                     controller=controller or "auto", prompts=None if prompts is None else str(prompts),
                     guidance=guidance, evaluation_net=None if evaluation_net is None else str(evaluation_net),
-                    **base)
+                    max_steps=max_steps, **base)
     validate_spec(spec)
     return spec
 
@@ -168,6 +170,9 @@ def validate_spec(spec: GridSpec) -> None:
         v = getattr(spec, key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise UserError(f"--{key.replace('_', '-')} {v!r} must be an integer >= 1")
+    if spec.max_steps is not None and (isinstance(spec.max_steps, bool) or not isinstance(spec.max_steps, int)
+                                       or spec.max_steps < 1):
+        raise UserError(f"--max-steps {spec.max_steps!r} must be an integer >= 1")
     if spec.seeds > 999:
         raise UserError(f"--seeds {spec.seeds}: at most 999")
     if spec.requests_per_seed > 999:

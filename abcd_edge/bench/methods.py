@@ -62,8 +62,8 @@ def budget_k(sess: TierSession, budget_ms: float, batch: int, sampler: str) -> t
 
     cm = sess.cost_model(sampler)
     limit = sess.step_budget_ms(budget_ms)
-    return (cm.steps_that_fit(limit, level="tail", cap=RULE_MAX_STEPS),
-            cm.steps_that_fit(limit, level="median", cap=RULE_MAX_STEPS))
+    cap = min(RULE_MAX_STEPS, sess.max_steps or RULE_MAX_STEPS)
+    return (cm.steps_that_fit(limit, level="tail", cap=cap), cm.steps_that_fit(limit, level="median", cap=cap))
 
 
 def stepdrop_steps(psnr_by_step: np.ndarray, tolerance_db: float) -> int:
@@ -236,7 +236,7 @@ def execute(sess: TierSession, p: Plan, budget_ms: float, sampler: str, seed: in
         try:
             images, rep = rt.generate(Budget("latency", budget_ms), rho=float(p.rho), sampler=sampler, seed=seed,
                                       batch=batch, clock=clock if sess.tier.simulated else None,
-                                      **sess.text.request(seed))
+                                      max_steps=sess.max_steps, **sess.text.request(seed))
         except UserError:
             return None
         return RunResult(images=images, latency_ms=rep.latency_ms, deadline_met=rep.deadline_met, steps=rep.steps,

@@ -230,6 +230,61 @@ def _fill_cell(cell: Cell, rs: list[dict], quality_fid, feat_dir: Path, setting:
         cell.prompt_acc, cell.prompt_acc_ci = share(exact), bootstrap_ci(exact, share, seed=4)
 
 
+def prompt_set_rows(out: Path, meta: dict) -> list[dict]:
+    """With labelled prompt sets (``--prompts easy=...,hard=...``): per (tier, budget, sampler, method, rho) and
+    set, the images served, mean steps their requests took, the on-time share and the prompt accuracy of the
+    on-time ones. Empty for one set or none."""
+    from abcd_edge.bench.store import load_per_image
+    from abcd_edge.bench.text import parse_prompt_sets
+
+    spec = meta["grid"]
+    if not spec.get("prompts"):
+        return []
+    labels = [label for label, _ in parse_prompt_sets(spec["prompts"])]
+    if len(labels) < 2:
+        return []
+    rows = [r for r in read_csv(Path(out) / RESULTS_CSV) if r["status"] == "ok"]
+    streams = sorted({(r["tier"], r["budget"], r["sampler"], r["method"], r["rho"]) for r in rows})
+    feat_dir = Path(out) / FEATURES_DIR
+    out_rows = []
+    for tier, budget, sampler, method, rho in streams:
+        parts = [load_per_image(feat_dir, block_key(tier, budget, sampler, s), stream_key(method, rho))
+                 for s in range(int(spec["seeds"]))]
+        parts = [p for p in parts if p is not None and "prompt_set" in p]
+        if not parts:
+            continue
+        cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        for i, label in enumerate(labels):
+            sel = cat["prompt_set"] == i
+            on = sel & cat["on_time"].astype(bool)
+            acc = float(cat["prompt_exact"][on].mean()) if "prompt_exact" in cat and on.any() else None
+            out_rows.append(dict(tier=tier, budget=budget, sampler=sampler, method=method, rho=rho, set=label,
+                                 n=int(sel.sum()), steps=float(cat["steps"][sel].mean()) if sel.any() else None,
+                                 on_time=float(cat["on_time"][sel].mean()) if sel.any() else None,
+                                 prompt_acc=acc))
+    return out_rows
+
+
+SEED_CLAIMS = {"success_pp": 12.0, "fid_rel": -0.13}   # the abstract's: deadline adherence +12 pp, FID -13 %
+
+
+def seed_claims(cells: list[dict]) -> list[dict]:
+    """Per real-tier setting (tier, budget, sampler) at rho = 1: ABCD's success minus the fixed-step
+    uniform baseline's (percentage points) and its on-time feature-FID relative to uniform's, beside the
+    abstract's claims (+12 pp, -13 %)."""
+    out = []
+    for key, by in _by_setting(cells).items():
+        a, u = by.get("abcd"), by.get("uniform")
+        if key[3] != 1.0 or a is None or u is None or a["simulated"] or a["status"] != "ok" or u["status"] != "ok":
+            continue
+        d_pp = None if a["success"] is None or u["success"] is None else 100.0 * (a["success"] - u["success"])
+        rel = None if not a["fid"] or not u["fid"] else a["fid"] / u["fid"] - 1.0
+        out.append(dict(setting=f"{key[0]} {key[1]} {key[2]}", abcd_success=a["success"], uniform_success=u["success"],
+                        success_pp=d_pp, abcd_fid=a["fid"], uniform_fid=u["fid"], fid_rel=rel,
+                        abcd_prompt_acc=a.get("prompt_acc"), uniform_prompt_acc=u.get("prompt_acc")))
+    return out
+
+
 def predictor_errors(out: Path) -> list[dict]:
     """Per tier and method: MAPE of predicted vs measured step ms, and p99 coverage, over all steps."""
     acc: dict[tuple, list[tuple[float, int, int]]] = {}

@@ -28,7 +28,7 @@ from abcd_edge.bench.store import (EXAMPLES_DIR, FEATURES_DIR, example_name, RES
                                    read_csv, row_block_key, save_block_features, stream_key, write_csv)
 from abcd_edge.bench.summary import summarize
 from abcd_edge.bench.teacher import TeacherCache
-from abcd_edge.bench.text import BenchText
+from abcd_edge.bench.text import BenchText, parse_prompt_sets
 from abcd_edge.bench.tiers import Tier, TierSession, controller_dir, open_tier, resolve_tiers
 from abcd_edge.core.budget import parse_budget
 from abcd_edge.errors import UserError
@@ -43,7 +43,7 @@ def _config_key(spec: GridSpec, tiers: list[Tier], manifest_hash: str, controlle
     tier_ids = [dict(asdict(t), profile_path=sha256_file(paths.from_portable(t.profile_path))) for t in tiers]
     cfg = dict(spec.key_fields(), tiers=tier_ids, manifest_hash=manifest_hash, controller=controller_id)
     if spec.prompts is not None:     # the prompts by content, not by where the file lies
-        cfg["prompts"] = sha256_file(spec.prompts)
+        cfg["prompts"] = [[label, sha256_file(path)] for label, path in parse_prompt_sets(spec.prompts)]
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -96,10 +96,10 @@ def bench_main(grid: str | None = None, out: str | Path | None = None, profiles:
                samples: int | None = None, resume: bool = True, batch: int | None = None,
                artifact: str | None = None, controller: str | None = None, teacher_steps: int | None = None,
                prompts: str | None = None, guidance: float | None = None, evaluation_net: str | None = None,
-               progress: bool = True) -> Path:
+               max_steps: int | None = None, progress: bool = True) -> Path:
     """Parse the grid, run it (resuming from ``out``/results.csv), write the outputs; return ``out``."""
     spec = parse_grid_args(grid, profiles, budgets, samplers, quality, methods, seeds, samples, batch, artifact,
-                           controller, teacher_steps, prompts, guidance, evaluation_net)
+                           controller, teacher_steps, prompts, guidance, evaluation_net, max_steps)
     out = Path(out) if out else Path("bench") / (grid or "quick")
     return run_grid(spec, out, resume=resume, progress=progress)
 
@@ -287,7 +287,7 @@ def _run_tier(sess: TierSession, spec: GridSpec, todo, teacher: TeacherCache, qu
         teach = teacher.get(spec.request_seeds(seed), batch, shape)
         feats: dict[str, list[np.ndarray]] = {}
         ontime: dict[str, list[np.ndarray]] = {}
-        exact: dict[str, list[np.ndarray]] = {}
+        per_image: dict[str, dict[str, list[np.ndarray]]] = {}
         judge_prompts = quality is not None and quality.prompt_exact is not None and sess.text.prompts is not None
         order = list(range(len(plans)))
         for r, rs in enumerate(spec.request_seeds(seed)):
@@ -314,9 +314,13 @@ def _run_tier(sess: TierSession, spec: GridSpec, todo, teacher: TeacherCache, qu
                     pk = stream_key(p.method, p.rho)
                     feats.setdefault(pk, []).append(np.asarray(quality.features(res.images), np.float32))
                     ontime.setdefault(pk, []).append(np.full(len(res.images), bool(res.deadline_met)))
-                    if judge_prompts:
-                        exact.setdefault(pk, []).append(
-                            quality.prompt_exact(res.images, [sess.text.prompt_for(rs)] * len(res.images)))
-        save_block_features(feat_dir, bk, feats, ontime, exact)
+                    if sess.text.prompts is not None:
+                        n = len(res.images)
+                        keep = {"prompt_set": np.full(n, sess.text.set_of(rs)), "steps": np.full(n, float(res.steps))}
+                        if judge_prompts:
+                            keep["prompt_exact"] = quality.prompt_exact(res.images, [sess.text.prompt_for(rs)] * n)
+                        for name, arr in keep.items():
+                            per_image.setdefault(name, {}).setdefault(pk, []).append(arr)
+        save_block_features(feat_dir, bk, feats, ontime, per_image)
         rows.append(row("-", "", None, -1, -1, "block-end"))
         append_csv(csv_path, rows)

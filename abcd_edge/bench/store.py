@@ -140,16 +140,20 @@ def prune_features(feat_dir: Path, kept_blocks: set[str]) -> None:
             f.unlink()
 
 
+PER_IMAGE = ("prompt_exact", "prompt_set", "steps")   # what a text-to-image bench also keeps per image
+
+
 def save_block_features(feat_dir: Path, block: str, feats: dict[str, list[np.ndarray]],
                         on_time: dict[str, list[np.ndarray]],
-                        prompt_exact: dict[str, list[np.ndarray]] | None = None) -> None:
+                        per_image: dict[str, dict[str, list[np.ndarray]]] | None = None) -> None:
     """Replace a block's features files: one per stream (an earlier run's, e.g. of a method now refused,
-    does not survive); with prompts, also whether each image shows what its prompt names."""
+    does not survive); ``per_image`` adds arrays by name (``PER_IMAGE``: whether each image shows what its
+    prompt names, the index of its prompt set, the steps its request took)."""
     for stale in Path(feat_dir).glob(f"{slug(block)}__*.npz"):
         stale.unlink()
     for stream, fs in feats.items():
-        extra = {"prompt_exact": np.concatenate(prompt_exact[stream])} if prompt_exact and stream in prompt_exact \
-            else {}
+        extra = {name: np.concatenate(by_stream[stream]) for name, by_stream in (per_image or {}).items()
+                 if stream in by_stream}
         with open(features_path(feat_dir, block, stream), "wb") as f:
             np.savez(f, features=np.concatenate(fs), on_time=np.concatenate(on_time[stream]), **extra)
 
@@ -164,10 +168,18 @@ def load_features(feat_dir: Path, block: str, stream: str, on_time_only: bool = 
         return z["features"][z["on_time"].astype(bool)] if on_time_only else z["features"]
 
 
-def load_prompt_exact(feat_dir: Path, block: str, stream: str) -> np.ndarray | None:
-    """Per on-time image of a block's stream: whether it shows what its prompt names (None: not measured)."""
+def load_per_image(feat_dir: Path, block: str, stream: str) -> dict[str, np.ndarray] | None:
+    """A block's stream per image: ``on_time`` and whichever of ``PER_IMAGE`` it has (None: no file)."""
     path = features_path(feat_dir, block, stream)
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as z:
-        return z["prompt_exact"][z["on_time"].astype(bool)].astype(bool) if "prompt_exact" in z.files else None
+        return {k: z[k] for k in ("on_time", *PER_IMAGE) if k in z.files}
+
+
+def load_prompt_exact(feat_dir: Path, block: str, stream: str) -> np.ndarray | None:
+    """Per on-time image of a block's stream: whether it shows what its prompt names (None: not measured)."""
+    got = load_per_image(feat_dir, block, stream)
+    if got is None or "prompt_exact" not in got:
+        return None
+    return got["prompt_exact"][got["on_time"].astype(bool)].astype(bool)

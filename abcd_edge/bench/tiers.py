@@ -153,6 +153,7 @@ class TierSession:
     local_step_p50_ms: float | None
     batch: int = 1
     text: BenchText = BenchText(None, None)   # a text-to-image pipeline's prompt per request seed, guidance
+    max_steps: int | None = None  # the grid's cap on every method's steps
     rollouts: Any = None          # runtime.rollout.Rollouts over the base session (StepDrop tuning, the oracle)
 
     @property
@@ -245,6 +246,7 @@ def open_tier(tier: Tier, spec: GridSpec, batch: int, text: BenchText | None = N
     return TierSession(tier=tier, base=base, abcd=abcd, controller=abcd.controller,
                        controller_dir=str(cdir) if (cdir and abcd.controller is not None) else None,
                        ays=ays, overhead_scale=scale, local_step_p50_ms=local, batch=batch, text=text,
+                       max_steps=spec.max_steps,
                        rollouts=Rollouts(base.manifest, base.schedule, base.denoiser, base.pipeline, text.guidance))
 
 

@@ -29,9 +29,12 @@ from abcd_edge.cli.options import artifact_option, backend_option, int_list, pix
 @click.option("--teacher-steps", default=None, type=int, help="Steps of the DDIM teacher (default 200).")
 @click.option("--artifact", default=None, type=click.Path(), help="Artifact folder (default export/demo).")
 @click.option("--controller", default=None, help="auto (calibration/<artifact>/), a folder, or none.")
-@click.option("--prompts", default=None, type=click.Path(),
+@click.option("--prompts", default=None,
               help="A text-to-image pipeline artifact's prompts, one per line (UTF-8): request seed s asks for "
-                   "line s mod the number of lines; every method answers the same prompt.")
+                   "line s mod the number of lines; every method answers the same prompt. Labelled sets "
+                   "(easy=FILE,hard=FILE) split each block's requests between them and the summary compares them.")
+@click.option("--max-steps", default=None, type=int,
+              help="Cap every method's plan at this many steps (e.g. 6 for the seed's Consistency-6 row).")
 @click.option("--guidance", default=None, type=float,
               help="A text-to-image pipeline's guidance scale for every method (default: the artifact's).")
 @click.option("--evaluation-net", default=None, type=click.Path(),
@@ -40,7 +43,7 @@ from abcd_edge.cli.options import artifact_option, backend_option, int_list, pix
               help="Continue from <out>/results.csv, skipping finished blocks.")
 @click.argument("extra_profiles", nargs=-1, type=click.Path())
 def bench_command(grid, out, profiles, budgets, samplers, quality, methods, seeds, samples, batch, teacher_steps,
-                  artifact, controller, prompts, guidance, evaluation_net, resume, extra_profiles):
+                  artifact, controller, prompts, max_steps, guidance, evaluation_net, resume, extra_profiles):
     """The benchmark grid: ABCD vs baselines -> results.csv, summary.md, plots, bench.json.
 
     A text-to-image pipeline artifact is benched at --batch 1 on real tiers, with --prompts: each method
@@ -52,7 +55,7 @@ def bench_command(grid, out, profiles, budgets, samplers, quality, methods, seed
     path = bench_main(grid=grid, out=out, profiles=profs or None, budgets=budgets, samplers=samplers,
                       quality=quality, methods=methods, seeds=seeds, samples=samples, resume=resume, batch=batch,
                       artifact=artifact, controller=controller, teacher_steps=teacher_steps, prompts=prompts,
-                      guidance=guidance, evaluation_net=evaluation_net)
+                      guidance=guidance, evaluation_net=evaluation_net, max_steps=max_steps)
     click.echo(f"bench -> {path}/summary.md")
 
 

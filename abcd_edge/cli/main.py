@@ -90,6 +90,8 @@ def info(as_json: bool) -> None:
 @precision_option
 @session_options
 @click.option("--best-effort", is_flag=True, help="Below the minimum achievable budget, answer anyway (late).")
+@click.option("--max-steps", default=None, type=int, callback=at_least(1),
+              help="Cap the planned steps (e.g. 6 for a Consistency-6 request); the budget may allow fewer.")
 @click.option("--requests", default=1, show_default=True, type=int,
               help="Serve N requests on one warm session (seeds seed..seed+N-1) and report a summary.")
 @click.option("--out", default="out/run.png", show_default=True, type=click.Path(),
@@ -114,8 +116,8 @@ def info(as_json: bool) -> None:
                    "the artifact has it.")
 @click.pass_context
 def run(ctx, budget, rho, sampler, placement, seed, batch, artifact, profile, controller, backend, threads, power,
-        precision, best_effort, requests, out, report, strict, prompt, prompt_file, negative_prompt, guidance,
-        decoder) -> None:
+        precision, best_effort, max_steps, requests, out, report, strict, prompt, prompt_file, negative_prompt,
+        guidance, decoder) -> None:
     """Generate the best image the device can make before the budget runs out.
 
     \b
@@ -152,7 +154,7 @@ def run(ctx, budget, rho, sampler, placement, seed, batch, artifact, profile, co
                    power=power, precision=precision)
     res = serve_requests(b, requests=requests, out=Path(out), report=Path(report), session=session, rho=rho,
                          sampler=sampler, placement=placement, seed=seed, batch=batch, best_effort=best_effort,
-                         **text)
+                         **({"max_steps": max_steps} if max_steps is not None else {}), **text)
     if res.line:
         click.echo(res.line)
     if res.interrupted:

@@ -53,8 +53,11 @@ class RequestPlan:
         return self.limit_ms < self.minimum_ms
 
 
-def check_request(rho: float, sampler: str, batch: int, placement: str) -> None:
+def check_request(rho: float, sampler: str, batch: int, placement: str, max_steps_cap: int | None = None) -> None:
     """Refuse a bad request argument with one line naming it and what is accepted."""
+    if max_steps_cap is not None and (isinstance(max_steps_cap, bool) or not isinstance(max_steps_cap, numbers.Integral)
+                                      or max_steps_cap < 1):
+        raise UserError(f"max steps {max_steps_cap!r} must be an integer >= 1")
     if sampler not in SAMPLER_NAMES and sampler not in ("auto", "default"):
         raise UserError(f"sampler {sampler!r} is unknown; accepted: {', '.join(SAMPLER_NAMES)}, auto, default")
     if not (isinstance(rho, numbers.Real) and 0.0 <= rho <= 1.0):
@@ -122,7 +125,8 @@ def plan_request(budget: Budget, limit: float, *, rho: float, sampler: str, batc
                  best_effort: bool, placement: str, bp: BatchProfile, cost: CostModel, minimum_ms: float,
                  schedule: NoiseSchedule, controller, use_exit_rule: bool = True,
                  prediction_type: str = "epsilon", reserved_ms: float = 0.0,
-                 scheduler_config: dict | None = None, fallback_placement: str = "uniform") -> RequestPlan:
+                 scheduler_config: dict | None = None, fallback_placement: str = "uniform",
+                 max_steps_cap: int | None = None) -> RequestPlan:
     """Plan a request (its arguments already passed :func:`check_request`, ``limit`` is the budget in ms):
     the most steps whose *sum* fits the limit, fewer where rho < 1 asks for less (the controller's
     validated exit rule), placed as the controller's gate says or by a rule. The steps are capped at
@@ -131,10 +135,11 @@ def plan_request(budget: Budget, limit: float, *, rho: float, sampler: str, batc
     pipeline's prompt encoding at its tail, which runs inside the request clock) is taken off the limit
     before the steps are fitted; the hard rule and the guard still work on the whole limit, since the clock
     counts the encoding. ``scheduler_config`` is what the "diffusers" placement reads; ``fallback_placement``
-    is "auto"'s choice where the controller validated nothing (see choose_placement)."""
+    is "auto"'s choice where the controller validated nothing (see choose_placement); ``max_steps_cap`` a
+    caller's cap on the steps (``--max-steps``)."""
     context = context_vector(limit, bp.flops_per_s, rho) if controller is not None else None
     cap = RULE_MAX_STEPS if controller is None else schedule.num_train_timesteps
-    cap = min(cap, max_steps(sampler, prediction_type) or cap)
+    cap = min(cap, max_steps(sampler, prediction_type) or cap, max_steps_cap or cap)
     fit = max(cost.steps_that_fit(limit - reserved_ms, level="sum", cap=cap), 1)
     gate = controller.gate if controller is not None else None
     n = gate.exit_steps(sampler, fit, rho) if gate is not None and use_exit_rule else fit

@@ -345,18 +345,20 @@ class AnytimeRuntime:
     def plan(self, budget: Budget | str, rho: float = 1.0, sampler: str = "default", seed: int = 0, batch: int = 1,
              best_effort: bool = False, placement: str = "auto", use_exit_rule: bool = True,
              prompt: str | None = None, negative_prompt: str | None = None, guidance: float | None = None,
-             decoder: str | None = None) -> RequestPlan:
+             decoder: str | None = None, max_steps: int | None = None) -> RequestPlan:
         """Plan one request (refusing a budget below the minimum unless ``best_effort``). ``sampler``
         "default" is the artifact's natural one (consistency for a consistency model, lcm for an LCM
         pipeline, else DDIM). ``budget`` is a Budget or its text ("150ms", "2J"). The prompt arguments are
-        a text-to-image pipeline's (refused for a pixel artifact)."""
+        a text-to-image pipeline's (refused for a pixel artifact). ``max_steps`` caps the plan (e.g. 6 for a
+        "Consistency-6" request); the budget may still allow fewer."""
         req = self.pipeline_request(prompt, negative_prompt, guidance, decoder)
-        return self._plan(req, budget, rho, sampler, seed, batch, best_effort, placement, use_exit_rule)
+        return self._plan(req, budget, rho, sampler, seed, batch, best_effort, placement, use_exit_rule, max_steps)
 
     def _plan(self, req: PipelineRequest | None, budget: Budget | str, rho: float, sampler: str, seed: int,
-              batch: int, best_effort: bool, placement: str, use_exit_rule: bool) -> RequestPlan:
+              batch: int, best_effort: bool, placement: str, use_exit_rule: bool,
+              max_steps: int | None = None) -> RequestPlan:
         budget = parse_budget(budget) if isinstance(budget, str) else budget
-        check_request(rho, sampler, batch, placement)
+        check_request(rho, sampler, batch, placement, max_steps)
         if self.pipeline is not None and batch != 1:
             raise UserError(f"batch {batch}: a pipeline artifact answers one image per request (batch 1); its "
                             "UNet already runs at batch 2 for classifier-free guidance")
@@ -387,13 +389,15 @@ class AnytimeRuntime:
                             best_effort=best_effort, placement=placement, bp=bp, cost=cost, minimum_ms=minimum,
                             schedule=self.schedule, controller=controller, use_exit_rule=use_exit_rule,
                             prediction_type=prediction, reserved_ms=reserved,
-                            scheduler_config=self.manifest.scheduler_config, fallback_placement=fallback)
+                            scheduler_config=self.manifest.scheduler_config, fallback_placement=fallback,
+                            max_steps_cap=max_steps)
 
     # ------------------------------------------------------------------------------------ serving
     def generate(self, budget: Budget | str, rho: float = 1.0, sampler: str = "default", seed: int = 0, batch: int = 1,
                  best_effort: bool = False, placement: str = "auto", use_exit_rule: bool = True,
                  clock=None, prompt: str | None = None, negative_prompt: str | None = None,
-                 guidance: float | None = None, decoder: str | None = None) -> tuple[np.ndarray, RequestReport]:
+                 guidance: float | None = None, decoder: str | None = None,
+                 max_steps: int | None = None) -> tuple[np.ndarray, RequestReport]:
         """One request: images uint8 [batch,H,W,3] made before the deadline, and its report.
 
         ``clock`` runs this request on another clock than the session's (the bench's
@@ -409,7 +413,8 @@ class AnytimeRuntime:
         clock = clock if clock is not None else self.clock
         with self._lock:
             req = self.pipeline_request(prompt, negative_prompt, guidance, decoder)
-            plan = self._plan(req, budget, rho, sampler, seed, batch, best_effort, placement, use_exit_rule)
+            plan = self._plan(req, budget, rho, sampler, seed, batch, best_effort, placement, use_exit_rule,
+                              max_steps)
             rng = np.random.default_rng(seed)
             shape = (batch, self.manifest.channels, self.manifest.resolution, self.manifest.resolution)
             noise = rng.standard_normal(shape).astype(np.float32)

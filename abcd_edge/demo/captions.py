@@ -95,16 +95,23 @@ def captioned(seed: int, index: int, resolution: int) -> tuple[np.ndarray, Label
     return image, labels, caption(labels)
 
 
-def prompt_set(kind: str, n: int, seed: int = PROMPT_SEED, resolution: int = 32) -> list[tuple[int, str]]:
+def prompt_set(kind: str, n: int, seed: int = PROMPT_SEED, resolution: int = 32,
+               exclude: frozenset[str] | set[str] = frozenset(), unique: bool = False) -> list[tuple[int, str]]:
     """The first ``n`` examples of generator ``seed`` whose difficulty is ``kind`` ("easy", "medium", "hard"
-    or "any"): (index, caption). Deterministic; the labels do not depend on ``resolution``."""
+    or "any") and whose caption is not in ``exclude`` (with ``unique``, each caption once): (index, caption).
+    Deterministic; the labels do not depend on ``resolution``."""
     if kind not in (*DIFFICULTIES, "any"):
         raise ValueError(f"prompt set {kind!r}: accepted {', '.join(DIFFICULTIES)} or any")
-    out = []
+    out, seen = [], set(exclude)
     for index in _indices():
         _, labels = make_example(seed, index, resolution)
         if kind == "any" or difficulty(labels) == kind:
-            out.append((index, caption(labels)))
+            text = caption(labels)
+            if text in seen:
+                continue
+            if unique:
+                seen.add(text)
+            out.append((index, text))
             if len(out) == n:
                 return out
     raise AssertionError("unreachable")

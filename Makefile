@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/abcd-edge
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test export profile calibrate calibrate-ays bench bench-runtime bench-schedules demo-model featurenet evalnet evaluate-demo clean
+.PHONY: install run test export profile calibrate calibrate-ays bench bench-runtime bench-schedules demo-model demo-latent featurenet evalnet evaluate-demo clean
+.PHONY: featurenet128 evalnet128
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,11 @@ test: $(STAMP)
 demo-model: $(STAMP)
 	$(PY) -m abcd_edge.demo.train --out export/demo-model --steps 6000
 
+## train the latent text-to-image demo (StableDiffusionPipeline layout, resumable, one thread; about 2 h on one core):
+## VAE then text encoder + UNet, checkpoints in export/.demo-latent-work/ -> export/demo-latent-model/
+demo-latent: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m abcd_edge.demo.latent.train --stage all --work export/.demo-latent-work --out export/demo-latent-model --vae-steps 2000 --unet-steps 3600 --threads 1
+
 ## the quality feature network and its committed reference statistics (generator seed 4321, 2048 images)
 featurenet: $(STAMP)
 	$(PY) -m abcd_edge.demo.featurenet --out export/featurenet
@@ -35,6 +41,17 @@ featurenet: $(STAMP)
 evalnet: $(STAMP)
 	$(PY) -m abcd_edge.demo.featurenet --out export/evalnet --images 30000 --heldout 2000 --steps 2000 --batch 128 --lr 0.002 --threads 1 --seed 1 --widths 24,48,96,192 --depths 1,2,1,1
 	$(PY) -m abcd_edge.demo.reference --seed 8765 --n 2048 --featurenet export/evalnet
+
+## the 128x128 feature networks (patchify stem to 32, then the same blocks; ONNX also outputs the heads'
+## kinds/colours/count predictions for prompt accuracy): calibration net (seed 0) and evaluation net (another
+## seed and architecture), each with its reference statistics at 128 (same reference seeds as the 32px nets)
+featurenet128: $(STAMP)
+	$(PY) -m abcd_edge.demo.featurenet --out export/featurenet128 --resolution 128 --images 30000 --heldout 2000 --steps 2800 --batch 128 --lr 0.002 --threads 1 --seed 0
+	$(PY) -m abcd_edge.demo.reference --seed 4321 --n 2048 --resolution 128 --featurenet export/featurenet128
+
+evalnet128: $(STAMP)
+	$(PY) -m abcd_edge.demo.featurenet --out export/evalnet128 --resolution 128 --images 30000 --heldout 2000 --steps 2800 --batch 128 --lr 0.002 --threads 1 --seed 1 --widths 24,48,96,192 --depths 1,2,1,1
+	$(PY) -m abcd_edge.demo.reference --seed 8765 --n 2048 --resolution 128 --featurenet export/evalnet128
 
 ## the evidence that the demo model is real: feature-FID vs steps + sample grid
 evaluate-demo: $(STAMP)

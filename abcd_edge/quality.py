@@ -13,6 +13,9 @@ Torch-free (numpy + onnxruntime); the bench and the runtime import it.
 * `x0_change`: per-image mean squared change between consecutive x0 estimates.
 * `ReferenceStats`: mean/cov/features of the generator's data for (seed, n),
   cached to ``export/featurenet/reference_<seed>_<n>.npz``.
+* `FeatureNet.predict` and `prompt_accuracy`: for nets exported with heads (``kinds``, ``colours``,
+  ``count`` outputs, e.g. ``export/featurenet128``), the share of images whose predicted kinds set,
+  colours set and count all equal what their prompt names, per attribute, with a 95 % bootstrap CI.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -49,6 +52,7 @@ class FeatureNet:
         if not onnx_path.is_file():
             raise UserError(f"feature net not found: {onnx_path} (train and export it with: {TRAIN_HINT})")
         data = onnx_path.read_bytes()
+        self.path = onnx_path
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.config: dict = {}
         cfg_path = folder / CONFIG_FILE
@@ -104,6 +108,76 @@ class FeatureNet:
     def features_model_space(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
         """float NCHW in [-1, 1] (the sampler's x0) -> features, quantised to uint8 as an image would be."""
         return self.features(to_uint8(np.asarray(x)), batch=batch)
+
+    @property
+    def has_heads(self) -> bool:
+        """Whether the ONNX graph also outputs the heads' predictions (``kinds``, ``colours``, ``count``)."""
+        names = {o.name for o in self.session.get_outputs()}
+        return all(name in names for name in HEAD_OUTPUTS)
+
+    def predict(self, images: np.ndarray, batch: int = 256) -> "HeadPredictions":
+        """uint8 RGB images [N, H, W, 3] -> the heads' probabilities (kinds and colours: sigmoid; count:
+        softmax over ``count_labels``), float64. Nets exported without heads (the 32x32 ``export/featurenet``
+        and ``export/evalnet``) are refused with a UserError."""
+        if not self.has_heads:
+            outputs = ", ".join(o.name for o in self.session.get_outputs())
+            raise UserError(f"feature net {self.path} has no prediction heads (outputs: {outputs}); "
+                            f"prompt accuracy needs one exported with {', '.join(HEAD_OUTPUTS)} outputs, "
+                            f"e.g. export/featurenet128 (python -m abcd_edge.demo.featurenet --resolution 128)")
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            raise UserError(f"feature net takes uint8 images [N, H, W, 3], got dtype {images.dtype}")
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[3] != 3:
+            raise UserError(f"feature net takes images [N, H, W, 3], got shape {images.shape}")
+        if isinstance(self.height, int) and (images.shape[1], images.shape[2]) != (self.height, self.width):
+            raise UserError(f"feature net was trained on {self.height}x{self.width} images, "
+                            f"got {images.shape[1]}x{images.shape[2]}")
+        shapes = {o.name: o.shape for o in self.session.get_outputs()}
+        parts: dict[str, list[np.ndarray]] = {name: [np.empty((0, shapes[name][1]), np.float64)]
+                                              for name in HEAD_OUTPUTS}
+        for i in range(0, len(images), max(1, int(batch))):
+            x = np.ascontiguousarray(images[i:i + batch].transpose(0, 3, 1, 2))
+            for name, out in zip(HEAD_OUTPUTS, self.session.run(list(HEAD_OUTPUTS), {self.input_name: x})):
+                parts[name].append(out.astype(np.float64))
+        kinds, colours, count = (np.concatenate(parts[name]) for name in HEAD_OUTPUTS)
+        return HeadPredictions(kinds, colours, count, self.count_labels)
+
+    @property
+    def labels(self) -> dict:
+        """The heads' label names from config.json (``kinds``, ``colours``, ``count``); {} without a config."""
+        return dict(self.config.get("labels", {}))
+
+    @property
+    def count_labels(self) -> tuple[int, ...]:
+        """The shape count each ``count`` probability stands for (config.json; 1..C without one)."""
+        n = next((o.shape[1] for o in self.session.get_outputs() if o.name == "count"), 3)
+        return tuple(int(c) for c in self.labels.get("count", range(1, int(n) + 1)))
+
+
+HEAD_OUTPUTS = ("kinds", "colours", "count")
+
+
+class HeadPredictions(NamedTuple):
+    """A feature net's head outputs for N images: probabilities, and the decisions prompt accuracy makes."""
+
+    kinds: np.ndarray      # [N, K] sigmoid probabilities
+    colours: np.ndarray    # [N, C] sigmoid probabilities
+    count: np.ndarray      # [N, S] softmax over count_labels
+    count_labels: tuple[int, ...] = (1, 2, 3)
+
+    def kinds_present(self) -> np.ndarray:
+        """[N, K] bool: probability > 0.5 (the threshold the nets were trained and evaluated with)."""
+        return np.asarray(self.kinds) > 0.5
+
+    def colours_present(self) -> np.ndarray:
+        """[N, C] bool: probability > 0.5."""
+        return np.asarray(self.colours) > 0.5
+
+    def predicted_count(self) -> np.ndarray:
+        """[N] int: the count with the highest probability."""
+        return np.asarray(self.count_labels, np.int64)[np.asarray(self.count).argmax(axis=1)]
 
 
 def fit_images(images: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -320,3 +394,89 @@ class ReferenceStats:
         d = mu - self.mu
         return max(float(d @ d + tr_s + float(np.trace(self.sigma)) - 2.0 * tr_covmean), 0.0)
 
+
+# --------------------------------------------------------------------------- prompt accuracy
+
+@dataclass(frozen=True)
+class PromptAccuracy:
+    """How often generated images show what their prompts name, judged by a feature net's heads.
+
+    ``exact``: share of images whose predicted kinds set, colours set and count all equal the prompt's,
+    with a 95 % bootstrap CI (``exact_ci``); ``kinds`` / ``colours`` / ``count``: the share right in that
+    attribute alone (a set is right only when every kind / colour is). ``per_image``: the exact matches."""
+
+    n: int
+    exact: float
+    exact_ci: tuple[float, float]
+    kinds: float
+    colours: float
+    count: float
+    per_image: np.ndarray = field(repr=False, compare=False)
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "exact": round(self.exact, 4), "exact_ci95": [round(v, 4) for v in self.exact_ci],
+                "kinds": round(self.kinds, 4), "colours": round(self.colours, 4), "count": round(self.count, 4)}
+
+
+def _targets(prompts: Sequence, labels: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prompts (caption strings, or objects with ``kinds``, ``colours`` multi-hot and ``count``, such as
+    ``abcd_edge.demo.captions.Target``) -> kinds [N, K] bool, colours [N, C] bool, count [N] int."""
+    if any(isinstance(p, str) for p in prompts):
+        # lazy: the library never imports the demo package at module level (torch-free runtime installs);
+        # captions are the demo's language, so only string prompts need it
+        from abcd_edge.demo.captions import parse_caption
+        from abcd_edge.demo.data import COLOUR_NAMES, KINDS
+
+        for name, want in (("kinds", KINDS), ("colours", COLOUR_NAMES)):
+            if labels.get(name) is not None and tuple(labels[name]) != tuple(want):
+                raise UserError(f"the feature net's {name} labels {labels[name]} are not the captions' {list(want)}")
+    targets = []
+    for p in prompts:
+        if isinstance(p, str):
+            try:
+                p = parse_caption(p)
+            except ValueError as e:
+                raise UserError(f"prompt accuracy: {e}") from None
+        targets.append(p)
+    kinds = np.array([np.asarray(t.kinds, np.float64) > 0.5 for t in targets], bool).reshape(len(targets), -1)
+    colours = np.array([np.asarray(t.colours, np.float64) > 0.5 for t in targets], bool).reshape(len(targets), -1)
+    count = np.array([int(t.count) for t in targets], np.int64)
+    return kinds, colours, count
+
+
+def score_prompts(pred: HeadPredictions, prompts: Sequence, labels: dict | None = None,
+                  resamples: int = 2000, seed: int = 0) -> PromptAccuracy:
+    """:func:`prompt_accuracy` on predictions already made (``FeatureNet.predict`` or hand-made ones)."""
+    n = len(prompts)
+    if n == 0:
+        raise UserError("prompt accuracy needs at least one image and prompt")
+    if not len(pred.kinds) == len(pred.colours) == len(pred.count) == n:
+        raise UserError(f"prompt accuracy: {len(pred.kinds)} images (predictions) for {n} prompts")
+    t_kinds, t_colours, t_count = _targets(prompts, labels or {})
+    p_kinds, p_colours, p_count = pred.kinds_present(), pred.colours_present(), pred.predicted_count()
+    if p_kinds.shape != t_kinds.shape or p_colours.shape != t_colours.shape:
+        raise UserError(f"prompt accuracy: the net predicts {p_kinds.shape[1]} kinds and {p_colours.shape[1]} "
+                        f"colours, the prompts name {t_kinds.shape[1]} and {t_colours.shape[1]}")
+    kinds_ok = (p_kinds == t_kinds).all(axis=1)
+    colours_ok = (p_colours == t_colours).all(axis=1)
+    count_ok = p_count == t_count
+    exact = kinds_ok & colours_ok & count_ok
+    # percentile bootstrap over images: the mean of n draws with replacement from n Bernoulli outcomes is
+    # Binomial(n, share) / n, drawn directly (the same distribution as resampling indices, without them)
+    share = float(exact.mean())
+    boot = np.random.default_rng(seed).binomial(n, share, size=max(1, int(resamples))) / n
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return PromptAccuracy(n=n, exact=share, exact_ci=(float(lo), float(hi)), kinds=float(kinds_ok.mean()),
+                          colours=float(colours_ok.mean()), count=float(count_ok.mean()), per_image=exact)
+
+
+def prompt_accuracy(net: FeatureNet, images: np.ndarray, prompts: Sequence, batch: int = 256,
+                    resamples: int = 2000, seed: int = 0) -> PromptAccuracy:
+    """The share of ``images`` (uint8 NHWC, the net's input size) whose predicted kinds set, colours set
+    and count all equal what their prompt names, per attribute, and a 95 % bootstrap CI of that share.
+
+    ``prompts``: one per image, a caption string (parsed with ``abcd_edge.demo.captions.parse_caption``)
+    or a target with ``kinds``/``colours`` multi-hot in the net's label order and ``count``. Decisions:
+    probability > 0.5 for kinds and colours, the most probable count. Nets without heads: UserError."""
+    pred = net.predict(images, batch=batch)   # first: a net without heads is refused before anything else
+    return score_prompts(pred, prompts, getattr(net, "labels", None), resamples=resamples, seed=seed)

@@ -16,6 +16,17 @@ writes, atomically as one folder:
     config.json             architecture, normalisation, data, training, held-out
                             accuracies, ORT-vs-torch parity, file hashes
 
+Other resolutions (``--resolution 128``, a multiple of 32): a patchify stem (conv k x k stride k,
+GroupNorm, ReLU; k = resolution / 32) brings the image to 32x32 first, then the same blocks, so the
+CPU cost stays near the 32x32 net's. Such nets' ONNX graph also outputs the heads' predictions
+(``--onnx-heads`` asks for them at 32 too; the default 32x32 export is unchanged, features only):
+
+    kinds    float32 [N, 5]  sigmoid probabilities (label order in config.json)
+    colours  float32 [N, 8]  sigmoid probabilities
+    count    float32 [N, 3]  softmax over counts 1..3
+
+which `abcd_edge.quality.FeatureNet.predict` reads (prompt accuracy).
+
 torch is needed here only (training/export); the runtime side reads the ONNX
 file through `abcd_edge.quality.FeatureNet`.
 """
@@ -56,15 +67,26 @@ CONFIG_FILE = "config.json"
 
 
 class FeatureCNN(nn.Module):
-    """conv3x3-GN-ReLU x4 (avg-pool /2 between blocks), global average pool -> feature; linear heads."""
+    """conv3x3-GN-ReLU x4 (avg-pool /2 between blocks), global average pool -> feature; linear heads.
+
+    ``stem`` > 1 puts a patchify stem first (conv stem x stem, stride stem, to ``widths[0]`` channels,
+    GroupNorm, ReLU): a 128x128 input with stem 4 reaches the blocks at 32x32. stem 1 (the default) adds
+    no module at all, so 32x32 nets keep their parameters, state-dict keys and initialisation."""
 
     def __init__(self, widths=WIDTHS, groups: int = GROUPS, n_kinds: int = len(KINDS),
-                 n_colours: int = len(COLOUR_NAMES), n_counts: int = MAX_SHAPES, depths=DEPTHS):
+                 n_colours: int = len(COLOUR_NAMES), n_counts: int = MAX_SHAPES, depths=DEPTHS, stem: int = 1):
         super().__init__()
         if len(depths) != len(widths):
             raise ValueError(f"depths {depths} and widths {widths} differ in length")
-        layers: list[nn.Module] = []
+        if stem < 1:
+            raise ValueError(f"stem factor {stem} < 1")
+        self.stem_factor = int(stem)
         c_in = 3
+        if stem > 1:
+            self.stem = nn.Sequential(nn.Conv2d(3, widths[0], stem, stride=stem), nn.GroupNorm(groups, widths[0]),
+                                      nn.ReLU())
+            c_in = widths[0]
+        layers: list[nn.Module] = []
         for i, (c, d) in enumerate(zip(widths, depths)):
             if i > 0:
                 layers.append(nn.AvgPool2d(2))
@@ -79,6 +101,8 @@ class FeatureCNN(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x float [N, 3, H, W] in [-1, 1] -> [N, D] (global average of the last block, >= 0)."""
+        if self.stem_factor > 1:
+            x = self.stem(x)
         return self.body(x).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor):
@@ -97,6 +121,29 @@ class _OnnxFeatures(nn.Module):
         return self.net.features(images.to(torch.float32) / 127.5 - 1.0)
 
 
+class _OnnxFeaturesAndHeads(nn.Module):
+    """The exported graph of nets with heads: uint8 NCHW -> features, kinds, colours (sigmoid), count (softmax)."""
+
+    def __init__(self, net: FeatureCNN):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor):
+        f = self.net.features(images.to(torch.float32) / 127.5 - 1.0)
+        return (f, torch.sigmoid(self.net.kinds(f)), torch.sigmoid(self.net.colours(f)),
+                torch.softmax(self.net.count(f), dim=1))
+
+
+HEAD_OUTPUTS = ("kinds", "colours", "count")
+
+
+def stem_factor(resolution: int) -> int:
+    """Patchify factor that brings ``resolution`` to the blocks' 32x32 (1 at 32: no stem)."""
+    if resolution < RESOLUTION or resolution % RESOLUTION:
+        raise UserError(f"--resolution {resolution}: accepted a multiple of {RESOLUTION} (32, 64, 128, ...)")
+    return resolution // RESOLUTION
+
+
 def labelled(seed: int, start: int, n: int, resolution: int = RESOLUTION):
     """Images uint8 [n,H,W,3], kinds [n,K], colours [n,C], count index [n] (0..MAX_SHAPES-1)."""
     ex = [make_example(seed, start + i, resolution) for i in range(n)]
@@ -109,8 +156,9 @@ def _to_input(images_nhwc: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(net: FeatureCNN, data, batch: int = 500) -> dict:
-    """Held-out accuracies: per-label (threshold 0.5), exact label sets, count."""
+def evaluate(net: FeatureCNN, data, batch: int = 500, exact_match: bool = False) -> dict:
+    """Held-out accuracies: per-label (threshold 0.5), exact label sets, count; with ``exact_match`` also
+    the share of images whose kinds set, colours set and count are all right (what prompt accuracy asks)."""
     images, kinds, colours, counts = data
     net.eval()
     pk, pc, pn = [], [], []
@@ -119,7 +167,7 @@ def evaluate(net: FeatureCNN, data, batch: int = 500) -> dict:
         pk.append((k > 0).numpy()); pc.append((c > 0).numpy()); pn.append(n.argmax(1).numpy())
     pk, pc, pn = np.concatenate(pk), np.concatenate(pc), np.concatenate(pn)
     kinds_ok, colours_ok = pk == (kinds > 0.5), pc == (colours > 0.5)
-    return {
+    out = {
         "images": int(len(images)),
         "per_label_accuracy": round(float(np.concatenate([kinds_ok, colours_ok], 1).mean()), 4),
         "kinds_per_label_accuracy": round(float(kinds_ok.mean()), 4),
@@ -128,21 +176,25 @@ def evaluate(net: FeatureCNN, data, batch: int = 500) -> dict:
         "colours_exact_set_accuracy": round(float(colours_ok.all(1).mean()), 4),
         "count_accuracy": round(float((pn == counts).mean()), 4),
     }
+    if exact_match:
+        out["exact_match_accuracy"] = round(float((kinds_ok.all(1) & colours_ok.all(1) & (pn == counts)).mean()), 4)
+    return out
 
 
-def export_onnx(net: FeatureCNN, path: Path, resolution: int = RESOLUTION) -> None:
-    """uint8 NCHW -> features, dynamic batch, one self-contained file."""
+def export_onnx(net: FeatureCNN, path: Path, resolution: int = RESOLUTION, heads: bool = False) -> None:
+    """uint8 NCHW -> features (and with ``heads`` kinds, colours, count), dynamic batch, one self-contained file."""
     net.eval()
-    wrapper = _OnnxFeatures(net).eval()
+    wrapper = (_OnnxFeaturesAndHeads(net) if heads else _OnnxFeatures(net)).eval()
     example = torch.zeros(2, 3, resolution, resolution, dtype=torch.uint8)
     batch = torch.export.Dim("batch")
-    torch.onnx.export(wrapper, (example,), str(path), input_names=["images"], output_names=["features"],
+    torch.onnx.export(wrapper, (example,), str(path), input_names=["images"],
+                      output_names=["features", *HEAD_OUTPUTS] if heads else ["features"],
                       opset_version=ONNX_OPSET, dynamo=True, external_data=False,
                       dynamic_shapes={"images": {0: batch}})
 
 
-def parity(net: FeatureCNN, onnx_path: Path, images_nhwc: np.ndarray) -> float:
-    """Max |ORT - torch| of the features on the given images."""
+def parity(net: FeatureCNN, onnx_path: Path, images_nhwc: np.ndarray, heads: bool = False) -> float:
+    """Max |ORT - torch| of the features (and with ``heads`` of every output) on the given images."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -150,6 +202,11 @@ def parity(net: FeatureCNN, onnx_path: Path, images_nhwc: np.ndarray) -> float:
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     x = np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))
+    if heads:
+        got = sess.run(["features", *HEAD_OUTPUTS], {"images": x})
+        with torch.no_grad():
+            want = [t.numpy() for t in _OnnxFeaturesAndHeads(net.eval())(torch.from_numpy(x))]
+        return float(max(np.abs(g - w).max() for g, w in zip(got, want)))
     got = sess.run(["features"], {"images": x})[0]
     with torch.no_grad():
         want = _OnnxFeatures(net.eval())(torch.from_numpy(x)).numpy()
@@ -161,7 +218,7 @@ def build_from_config(config: dict) -> FeatureCNN:
     widths = tuple(arch["widths"])
     return FeatureCNN(widths=widths, groups=arch["groups"], depths=tuple(arch.get("depths", (1,) * len(widths))),
                       n_kinds=len(config["labels"]["kinds"]), n_colours=len(config["labels"]["colours"]),
-                      n_counts=len(config["labels"]["count"]))
+                      n_counts=len(config["labels"]["count"]), stem=int(arch.get("stem", {}).get("factor", 1)))
 
 
 def load_torch(folder: str | Path) -> FeatureCNN:
@@ -184,20 +241,27 @@ def _sha256(path: Path) -> str:
 
 
 def train(out: Path, n_train: int, n_heldout: int, steps: int, batch: int, lr: float, threads: int,
-          seed: int, widths=WIDTHS, depths=DEPTHS) -> dict:
+          seed: int, widths=WIDTHS, depths=DEPTHS, resolution: int = RESOLUTION, onnx_heads: bool = False) -> dict:
+    """Train, evaluate, export. ``resolution`` != 32 adds the patchify stem and always exports the heads;
+    at 32 they are exported only with ``onnx_heads`` (the committed 32x32 nets have features only)."""
     from safetensors.torch import save_file
 
+    stem = stem_factor(resolution)
+    heads = onnx_heads or resolution != RESOLUTION
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t_start = time.monotonic()
-    print(f"generating {n_train} training + {n_heldout} held-out images (seed {DATA_SEED}) ...", flush=True)
-    tr = labelled(DATA_SEED, 0, n_train)
-    ho = labelled(DATA_SEED, HELDOUT_START, n_heldout)
-    x_all = _to_input(tr[0])
+    print(f"generating {n_train} training + {n_heldout} held-out images at {resolution}x{resolution} "
+          f"(seed {DATA_SEED}) ...", flush=True)
+    tr = labelled(DATA_SEED, 0, n_train, resolution)
+    ho = labelled(DATA_SEED, HELDOUT_START, n_heldout, resolution)
+    # uint8 kept, each batch normalised when drawn (the same values as normalising all at once: one
+    # elementwise numpy expression), so 128x128 data sets stay at a quarter of the float32 memory
+    x_u8 = tr[0]
     k_all, c_all, n_all = torch.from_numpy(tr[1]), torch.from_numpy(tr[2]), torch.from_numpy(tr[3])
     t_data = time.monotonic() - t_start
 
-    net = FeatureCNN(widths=widths, depths=depths)
+    net = FeatureCNN(widths=widths, depths=depths, stem=stem)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     warm = max(1, steps // 50)
@@ -209,7 +273,7 @@ def train(out: Path, n_train: int, n_heldout: int, steps: int, batch: int, lr: f
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + np.cos(np.pi * frac))
         idx = torch.randint(0, n_train, (batch,), generator=gen)
-        x = x_all[idx]
+        x = _to_input(x_u8[idx.numpy()])
         # light augmentation: the labels are invariant to horizontal and vertical flips
         fh = torch.rand(batch, generator=gen) < 0.5
         fv = torch.rand(batch, generator=gen) < 0.5
@@ -228,40 +292,49 @@ def train(out: Path, n_train: int, n_heldout: int, steps: int, batch: int, lr: f
                   f"({time.monotonic() - t0:.0f}s)", flush=True)
     t_train = time.monotonic() - t0
     net.eval()
-    acc = evaluate(net, ho)
-    acc_train = evaluate(net, tuple(a[:n_heldout] for a in tr))
+    acc = evaluate(net, ho, exact_match=heads)
+    acc_train = evaluate(net, tuple(a[:n_heldout] for a in tr), exact_match=heads)
     print("held-out:", json.dumps(acc), flush=True)
 
     with atomic_dir(out) as tmp:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS_FILE))
-        export_onnx(net, tmp / ONNX_FILE)
+        export_onnx(net, tmp / ONNX_FILE, resolution, heads=heads)
         rng = np.random.default_rng(0)
-        noise = rng.integers(0, 256, size=(8, RESOLUTION, RESOLUTION, 3), dtype=np.uint8)
-        max_diff = parity(net, tmp / ONNX_FILE, np.concatenate([ho[0][:56], noise]))
+        noise = rng.integers(0, 256, size=(8, resolution, resolution, 3), dtype=np.uint8)
+        max_diff = parity(net, tmp / ONNX_FILE, np.concatenate([ho[0][:56], noise]), heads=heads)
         print(f"ORT vs torch max |diff| = {max_diff:.2e} (tolerance {PARITY_TOL:g})", flush=True)
         if not max_diff <= PARITY_TOL:
             raise RuntimeError(f"ONNX parity failed: max |diff| {max_diff:.3e} > {PARITY_TOL:g}")
+        architecture = {
+            "type": "conv3x3-GroupNorm-ReLU blocks, avg-pool /2 between blocks, global average pool",
+            "widths": list(widths), "depths": list(depths), "groups": GROUPS,
+            "heads": {"kinds": "linear, BCE", "colours": "linear, BCE", "count": "linear, CE over 1..3"},
+            "parameters": sum(p.numel() for p in net.parameters()),
+        }
+        if stem > 1:
+            architecture["stem"] = {"type": f"patchify conv {stem}x{stem} stride {stem} -> widths[0], GroupNorm, ReLU",
+                                    "factor": stem, "blocks_input": [resolution // stem, resolution // stem]}
+        command = (f"python -m abcd_edge.demo.featurenet --out {out} --images {n_train} --heldout {n_heldout} "
+                   f"--steps {steps} --batch {batch} --lr {lr} --threads {threads} --seed {seed} "
+                   f"--widths {','.join(map(str, widths))} --depths {','.join(map(str, depths))}")
+        if resolution != RESOLUTION:
+            command += f" --resolution {resolution}"
+        if onnx_heads:
+            command += " --onnx-heads"
         config = {
             "format": FORMAT,
-            "architecture": {
-                "type": "conv3x3-GroupNorm-ReLU blocks, avg-pool /2 between blocks, global average pool",
-                "widths": list(widths), "depths": list(depths), "groups": GROUPS,
-                "heads": {"kinds": "linear, BCE", "colours": "linear, BCE", "count": "linear, CE over 1..3"},
-                "parameters": sum(p.numel() for p in net.parameters()),
-            },
+            "architecture": architecture,
             "feature_dim": net.feature_dim,
             "feature_layer": "global average of the last block (post-ReLU, >= 0), before the heads",
-            "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "shape": ["N", 3, RESOLUTION, RESOLUTION],
+            "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "shape": ["N", 3, resolution, resolution],
                       "range": [0, 255], "channels": "RGB"},
             "normalisation": "x / 127.5 - 1 (the diffusion model's data space), inside the ONNX graph",
             "output": {"name": "features", "dtype": "float32", "shape": ["N", net.feature_dim]},
             "labels": {"kinds": list(KINDS), "colours": list(COLOUR_NAMES), "count": list(range(1, MAX_SHAPES + 1))},
-            "data": {"generator": "abcd_edge.demo.data.make_example", "seed": DATA_SEED, "resolution": RESOLUTION,
+            "data": {"generator": "abcd_edge.demo.data.make_example", "seed": DATA_SEED, "resolution": resolution,
                      "train_indices": [0, n_train], "heldout_indices": [HELDOUT_START, HELDOUT_START + n_heldout]},
             "training": {
-                "command": f"python -m abcd_edge.demo.featurenet --out {out} --images {n_train} --heldout {n_heldout} "
-                           f"--steps {steps} --batch {batch} --lr {lr} --threads {threads} --seed {seed} "
-                           f"--widths {','.join(map(str, widths))} --depths {','.join(map(str, depths))}",
+                "command": command,
                 "steps": steps, "batch": batch, "lr": lr, "optimiser": "AdamW(wd=1e-4), linear warm-up, cosine decay",
                 "augmentation": "random horizontal and vertical flips",
                 "threads": threads, "seed": seed,
@@ -276,6 +349,22 @@ def train(out: Path, n_train: int, n_heldout: int, steps: int, batch: int, lr: f
             "onnx": {"opset": ONNX_OPSET, "dynamic_axes": {"images": [0], "features": [0]}},
             "files": {WEIGHTS_FILE: _sha256(tmp / WEIGHTS_FILE), ONNX_FILE: _sha256(tmp / ONNX_FILE)},
         }
+        if heads:
+            labels = config["labels"]
+            config["outputs"] = [
+                dict(config["output"], description="global average of the last block"),
+                {"name": "kinds", "dtype": "float32", "shape": ["N", len(labels["kinds"])],
+                 "description": "sigmoid probability of each kind present (labels.kinds order)"},
+                {"name": "colours", "dtype": "float32", "shape": ["N", len(labels["colours"])],
+                 "description": "sigmoid probability of each colour present (labels.colours order)"},
+                {"name": "count", "dtype": "float32", "shape": ["N", len(labels["count"])],
+                 "description": "softmax over the shape counts labels.count"},
+            ]
+            config["prediction"] = {"kinds": "probability > 0.5", "colours": "probability > 0.5",
+                                    "count": "labels.count[argmax]",
+                                    "exact_match": "kinds set, colours set and count all right"}
+            config["onnx"]["dynamic_axes"].update({name: [0] for name in HEAD_OUTPUTS})
+            config["parity"]["outputs"] = ["features", *HEAD_OUTPUTS]
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     print(f"wrote {out} (train {t_train / 60:.1f} min)", flush=True)
     return config
@@ -293,8 +382,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--widths", type=_ints, default=WIDTHS, help="channels per block, e.g. 32,64,96,128")
     ap.add_argument("--depths", type=_ints, default=DEPTHS, help="conv layers per block, e.g. 1,1,1,1")
+    ap.add_argument("--resolution", type=int, default=RESOLUTION,
+                    help="image side, a multiple of 32; above 32 a patchify stem brings it to 32 and the ONNX "
+                         "graph also outputs the heads (kinds, colours, count)")
+    ap.add_argument("--onnx-heads", action="store_true",
+                    help="export the heads' predictions at 32x32 too (always on above 32)")
     a = ap.parse_args()
-    train(a.out, a.images, a.heldout, a.steps, a.batch, a.lr, a.threads, a.seed, a.widths, a.depths)
+    try:
+        stem_factor(a.resolution)
+    except UserError as e:
+        ap.error(str(e))
+    train(a.out, a.images, a.heldout, a.steps, a.batch, a.lr, a.threads, a.seed, a.widths, a.depths,
+          a.resolution, a.onnx_heads)
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ REF_N = 2048
 def feature_net_dir(role: str, side: int) -> Path:
     """The shipped feature net of ``role`` ("calibration" | "evaluation") for images of ``side`` pixels: the one
     trained at that size where it is shipped (``export/featurenet128``, ``export/evalnet128``), else the
-    32 x 32 one (images are then fitted to it by an integer factor, ``quality.fit_images``)."""
+    32 x 32 one (images are then fitted to it by an integer factor, ``core.images.fit_images``)."""
     base = FEATURENET_DIR if role == "calibration" else EVALNET_DIR
     own = base.parent / f"{base.name}{side}"
     return own if (own / "featurenet.onnx").is_file() else base

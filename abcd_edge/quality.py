@@ -29,6 +29,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from abcd_edge.errors import UserError
+from abcd_edge.core.images import fit_images  # noqa: F401  (re-exported: what a feature net sees)
 from abcd_edge.io import atomic_path
 from abcd_edge.core.images import to_uint8
 from abcd_edge.paths import FEATURENET_DIR
@@ -178,23 +179,6 @@ class HeadPredictions(NamedTuple):
     def predicted_count(self) -> np.ndarray:
         """[N] int: the count with the highest probability."""
         return np.asarray(self.count_labels, np.int64)[np.asarray(self.count).argmax(axis=1)]
-
-
-def fit_images(images: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 NHWC images to ``height`` x ``width`` by an integer factor: box average down, pixel repeat up;
-    other ratios are refused (a feature network must not see interpolation artefacts it was not trained on)."""
-    n, h, w, c = images.shape
-    if (h, w) == (height, width):
-        return images
-    if h % height == 0 and w % width == 0 and h // height == w // width:
-        f = h // height
-        x = images.reshape(n, height, f, width, f, c).astype(np.float32).mean(axis=(2, 4))
-        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-    if height % h == 0 and width % w == 0 and height // h == width // w:
-        f = height // h
-        return images.repeat(f, axis=1).repeat(f, axis=2)
-    raise UserError(f"images of {h}x{w} cannot be fitted to the feature network's {height}x{width} input "
-                    "(only integer scale factors are)")
 
 
 # --------------------------------------------------------------------------- FID / KID
@@ -418,23 +402,50 @@ class PromptAccuracy:
                 "kinds": round(self.kinds, 4), "colours": round(self.colours, 4), "count": round(self.count, 4)}
 
 
-def _targets(prompts: Sequence, labels: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Prompts (caption strings, or objects with ``kinds``, ``colours`` multi-hot and ``count``, such as
-    ``abcd_edge.demo.captions.Target``) -> kinds [N, K] bool, colours [N, C] bool, count [N] int."""
-    if any(isinstance(p, str) for p in prompts):
-        # lazy: the library never imports the demo package at module level (torch-free runtime installs);
-        # captions are the demo's language, so only string prompts need it
-        from abcd_edge.demo.captions import parse_caption
-        from abcd_edge.demo.data import COLOUR_NAMES, KINDS
+WORD_NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
 
-        for name, want in (("kinds", KINDS), ("colours", COLOUR_NAMES)):
-            if labels.get(name) is not None and tuple(labels[name]) != tuple(want):
-                raise UserError(f"the feature net's {name} labels {labels[name]} are not the captions' {list(want)}")
+
+@dataclass(frozen=True)
+class PromptTarget:
+    """What a prompt names: kinds and colours present (multi-hot, in a net's label order) and the count."""
+
+    kinds: np.ndarray
+    colours: np.ndarray
+    count: int
+
+
+def parse_prompt(text: str, kinds: Sequence[str], colours: Sequence[str]) -> PromptTarget:
+    """A caption of the shapes data ("two red circles and a blue triangle": groups "<number> <colour> <kind>[s]"
+    joined by ", " and " and ") -> what it names, in the order of ``kinds`` / ``colours`` (a feature net's
+    label names); ValueError for text of another form."""
+    import re
+
+    group = re.compile(r"(" + "|".join(WORD_NUMBERS) + r") (" + "|".join(map(re.escape, colours)) + r") ("
+                       + "|".join(map(re.escape, kinds)) + r")s?$")
+    k = np.zeros(len(kinds), np.float32)
+    c = np.zeros(len(colours), np.float32)
+    count = 0
+    for part in re.split(r", | and ", text.strip().lower()):
+        m = group.match(part.strip())
+        if m is None:
+            raise ValueError(f"{part!r} of {text!r} is not '<number> <colour> <kind>'")
+        count += WORD_NUMBERS[m.group(1)]
+        c[list(colours).index(m.group(2))] = 1.0
+        k[list(kinds).index(m.group(3))] = 1.0
+    return PromptTarget(k, c, count)
+
+
+def _targets(prompts: Sequence, labels: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prompts (caption strings, read with the net's label names ``labels``; or targets with ``kinds``,
+    ``colours`` multi-hot and ``count``) -> kinds [N, K] bool, colours [N, C] bool, count [N] int."""
     targets = []
     for p in prompts:
         if isinstance(p, str):
+            if not labels.get("kinds") or not labels.get("colours"):
+                raise UserError("prompt accuracy of text prompts needs the feature net's label names (config.json "
+                                "'labels': kinds, colours)")
             try:
-                p = parse_caption(p)
+                p = parse_prompt(p, labels["kinds"], labels["colours"])
             except ValueError as e:
                 raise UserError(f"prompt accuracy: {e}") from None
         targets.append(p)
@@ -475,7 +486,7 @@ def prompt_accuracy(net: FeatureNet, images: np.ndarray, prompts: Sequence, batc
     """The share of ``images`` (uint8 NHWC, the net's input size) whose predicted kinds set, colours set
     and count all equal what their prompt names, per attribute, and a 95 % bootstrap CI of that share.
 
-    ``prompts``: one per image, a caption string (parsed with ``abcd_edge.demo.captions.parse_caption``)
+    ``prompts``: one per image, a caption string (read by :func:`parse_prompt` with the net's label names)
     or a target with ``kinds``/``colours`` multi-hot in the net's label order and ``count``. Decisions:
     probability > 0.5 for kinds and colours, the most probable count. Nets without heads: UserError."""
     pred = net.predict(images, batch=batch)   # first: a net without heads is refused before anything else

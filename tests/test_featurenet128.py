@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from abcd_edge.demo.captions import caption, parse_caption
-from abcd_edge.demo.data import make_example, make_images
+from abcd_edge.demo.data import COLOUR_NAMES, KINDS, make_example, make_images
 from abcd_edge.errors import UserError
 from abcd_edge.paths import EVALNET_DIR, FEATURENET_DIR
 from abcd_edge.quality import FeatureNet, HeadPredictions, prompt_accuracy, score_prompts
@@ -143,6 +143,9 @@ def test_net_without_heads_refuses_prompt_accuracy(folder):
 
 # --------------------------------------------------------------------------- prompt accuracy
 
+LABELS = {"kinds": list(KINDS), "colours": list(COLOUR_NAMES)}   # a net's config.json 'labels'
+
+
 def _onehot(n, on):
     v = np.full(n, 0.1)
     v[list(on)] = 0.9
@@ -162,7 +165,7 @@ def test_prompt_accuracy_on_hand_made_predictions():
         colours=np.stack([colours_ok, colours_ok, colours_ok, colours_bad]),
         count=np.stack([count3, count2, count3, count2]))
     # image 0 all right; 1 kinds + colours right, count wrong; 2 colours + count right, an extra kind; 3 all wrong
-    acc = score_prompts(pred, [prompt] * 4)
+    acc = score_prompts(pred, [prompt] * 4, LABELS)
     assert acc.n == 4
     assert acc.exact == 0.25 and acc.kinds == 0.5 and acc.colours == 0.75 and acc.count == 0.5
     np.testing.assert_array_equal(acc.per_image, [True, False, False, False])
@@ -170,13 +173,13 @@ def test_prompt_accuracy_on_hand_made_predictions():
     # targets may be passed in instead of captions: the same result
     assert score_prompts(pred, [t] * 4) == acc
     # colours match and count does not: not an exact match
-    only = score_prompts(HeadPredictions(pred.kinds[1:2], pred.colours[1:2], pred.count[1:2]), [prompt])
+    only = score_prompts(HeadPredictions(pred.kinds[1:2], pred.colours[1:2], pred.count[1:2]), [prompt], LABELS)
     assert only.colours == 1.0 and only.kinds == 1.0 and only.count == 0.0 and only.exact == 0.0
     assert only.exact_ci == (0.0, 0.0)
     # a probability of exactly 0.5 is "absent"
     half = kinds_ok.copy()
     half[2] = 0.5
-    assert score_prompts(HeadPredictions(half[None], colours_ok[None], count3[None]), [prompt]).kinds == 0.0
+    assert score_prompts(HeadPredictions(half[None], colours_ok[None], count3[None]), [prompt], LABELS).kinds == 0.0
     d = acc.as_dict()
     assert d["exact"] == 0.25 and d["n"] == 4 and len(d["exact_ci95"]) == 2
 
@@ -189,10 +192,10 @@ def test_prompt_accuracy_oracle_on_generator_labels():
     count[np.arange(40), [lab.count - 1 for lab in labels]] = 1.0
     pred = HeadPredictions(np.stack([lab.kinds * 0.98 + 0.01 for lab in labels]),
                            np.stack([lab.colours * 0.98 + 0.01 for lab in labels]), count)
-    acc = score_prompts(pred, prompts)
+    acc = score_prompts(pred, prompts, LABELS)
     assert acc.exact == acc.kinds == acc.colours == acc.count == 1.0 and acc.exact_ci == (1.0, 1.0)
     # shift every count by one: only the count (and so the exact match) fails
-    wrong = score_prompts(HeadPredictions(pred.kinds, pred.colours, np.roll(count, 1, axis=1)), prompts)
+    wrong = score_prompts(HeadPredictions(pred.kinds, pred.colours, np.roll(count, 1, axis=1)), prompts, LABELS)
     assert wrong.exact == 0.0 and wrong.count == 0.0 and wrong.kinds == 1.0 and wrong.colours == 1.0
 
 
@@ -213,7 +216,7 @@ def test_prompt_accuracy_bootstrap_ci():
 
 def test_prompt_accuracy_refusals():
     class Stub:
-        labels = {}
+        labels = LABELS
 
         def predict(self, images, batch=256):
             n = len(images)

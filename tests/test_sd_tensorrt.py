@@ -280,12 +280,16 @@ def test_a_gpu_that_cannot_be_told_is_refused(tiny_sd_dir, tmp_path, monkeypatch
     assert not (tmp_path / "a").exists()
 
 
-def test_fp16_is_still_refused_for_pipelines_trt_no_longer(tiny_sd_dir, tmp_path, fake_trt):
+def test_fp16_and_trt_together(tiny_sd_dir, tmp_path, fake_trt):
+    """--fp16 --trt: every component gets its fp16 ONNX (with its drift) and a plan built by the builder."""
     res = CliRunner().invoke(main, ["export", "--model", str(tiny_sd_dir), "--out", str(tmp_path / "a"), "--fp16",
                                     "--trt"])
-    line = one_line_error(res, "--fp16 is not supported for pipeline artifacts yet")
-    assert "--trt" not in line.split("yet")[0]
-    assert not (tmp_path / "a").exists() and fake_trt.builds == []
+    assert res.exit_code == 0, res.output
+    comps = load_manifest(tmp_path / "a").pipeline["components"]
+    for name, rec in comps.items():
+        assert rec["fp16"]["usable"] and (tmp_path / "a" / rec["fp16"]["file"]).is_file(), name
+        assert rec["trt"]["plan"] == PLAN_FILE, name
+    assert len(fake_trt.builds) == len(comps)
 
 
 def test_a_tampered_plan_is_refused_at_load(sd_trt, tmp_path):

@@ -38,7 +38,7 @@ class Quality:
                 net_dir: str | Path = paths.EVALNET_DIR) -> tuple["Quality | None", str]:
         """The evaluation feature net (default ``export/evalnet``: never what calibration optimises) and its
         reference statistics for images of side ``resolution`` (fitted to the net's input by an integer
-        factor, ``quality.fit_images``), or (None, why not)."""
+        factor, ``core.images.fit_images``), or (None, why not)."""
         from threadpoolctl import threadpool_limits
 
         from abcd_edge.quality import FeatureNet, ReferenceStats, fit_images

@@ -40,6 +40,10 @@ class BenchText:
     guidance: float | None
     sets: tuple[tuple[str, tuple[str, ...]], ...] = ()   # (label, prompts) per set; one unlabelled set: ("", ...)
 
+    def __post_init__(self):
+        if self.prompts is not None and not self.sets:      # prompts alone: one unlabelled set
+            object.__setattr__(self, "sets", (("", tuple(self.prompts)),))
+
     @classmethod
     def for_spec(cls, spec, manifest) -> "BenchText":
         """Check the grid's prompts and guidance against the artifact (one-line errors), before any work."""

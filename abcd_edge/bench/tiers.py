@@ -178,7 +178,7 @@ class TierSession:
         return budget_ms - self.base.encode_tail_ms(1 if self.text.prompts is not None else 0)
 
     def request(self, seed: int):
-        """The checked text side of request seed ``seed`` (runtime.session.PipelineRequest; None: pixel)."""
+        """The checked text side of request seed ``seed`` (runtime.text_request.PipelineRequest; None: pixel)."""
         return self.base.pipeline_request(**self.text.request(seed))
 
     def forget_prompt(self, seed: int) -> None:

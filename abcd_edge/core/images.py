@@ -101,3 +101,22 @@ def save_image(images: np.ndarray, path: str | Path, scale: int = 4) -> None:
     from abcd_edge.io import write_bytes_atomic
 
     write_bytes_atomic(path, image_bytes(image_grid(images), image_format(path), scale))
+
+
+def fit_images(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 NHWC images to ``height`` x ``width`` by an integer factor: box average down, pixel repeat up;
+    other ratios are refused (a feature network must not see interpolation artefacts it was not trained on)."""
+    n, h, w, c = images.shape
+    if (h, w) == (height, width):
+        return images
+    if h % height == 0 and w % width == 0 and h // height == w // width:
+        f = h // height
+        x = images.reshape(n, height, f, width, f, c).astype(np.float32).mean(axis=(2, 4))
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    if height % h == 0 and width % w == 0 and height // h == width // w:
+        f = height // h
+        return images.repeat(f, axis=1).repeat(f, axis=2)
+    from abcd_edge.errors import UserError
+
+    raise UserError(f"images of {h}x{w} cannot be fitted to the feature network's {height}x{width} input "
+                    "(only integer scale factors are)")

@@ -10,16 +10,14 @@ least two overlap (their circumscribed circles intersect); everything else *medi
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
 from abcd_edge.demo.data import COLOUR_NAMES, KINDS, MAX_SHAPES, Labels, make_example
+from abcd_edge.quality import PromptTarget, parse_prompt
 
 NUMBERS = {1: "a", 2: "two", 3: "three"}
-WORD_NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
 DIFFICULTIES = ("easy", "medium", "hard")
 PROMPT_SEED = 2024          # generator seed the shipped prompt sets are drawn from (not a training seed)
 
@@ -42,33 +40,16 @@ def caption(labels: Labels) -> str:
     return _join([f"{NUMBERS[n]} {colour} {plural(kind, n)}" for (colour, kind), n in groups.items()])
 
 
-@dataclass(frozen=True)
-class Target:
-    """What a caption names: kinds and colours present (multi-hot, the feature net's label order) and count."""
-
-    kinds: np.ndarray
-    colours: np.ndarray
-    count: int
+Target = PromptTarget     # what a caption names (kinds, colours multi-hot in data.KINDS / COLOUR_NAMES order, count)
 
 
-_GROUP = re.compile(r"(a|an|one|two|three) (" + "|".join(COLOUR_NAMES) + r") (" + "|".join(KINDS) + r")s?$")
-
-
-def parse_caption(text: str) -> Target:
-    """The labels a caption names (inverse of :func:`caption`); ValueError for text it did not make."""
-    kinds = np.zeros(len(KINDS), np.float32)
-    colours = np.zeros(len(COLOUR_NAMES), np.float32)
-    count = 0
-    for part in re.split(r", | and ", text.strip().lower()):
-        m = _GROUP.match(part.strip())
-        if m is None:
-            raise ValueError(f"{part!r} of {text!r} is not '<number> <colour> <kind>'")
-        count += WORD_NUMBERS[m.group(1)]
-        colours[COLOUR_NAMES.index(m.group(2))] = 1.0
-        kinds[KINDS.index(m.group(3))] = 1.0
-    if not 1 <= count <= MAX_SHAPES:
-        raise ValueError(f"{text!r} names {count} shapes; captions name 1 to {MAX_SHAPES}")
-    return Target(kinds, colours, count)
+def parse_caption(text: str) -> PromptTarget:
+    """The labels a caption names (inverse of :func:`caption`, the grammar ``quality.parse_prompt`` reads);
+    ValueError for text it did not make."""
+    target = parse_prompt(text, KINDS, COLOUR_NAMES)
+    if not 1 <= target.count <= MAX_SHAPES:
+        raise ValueError(f"{text!r} names {target.count} shapes; captions name 1 to {MAX_SHAPES}")
+    return target
 
 
 def overlaps(labels: Labels) -> bool:

@@ -7,7 +7,7 @@ beside the feature net:
     python -m abcd_edge.demo.reference --seed 4321 --n 2048
 
 Images of another resolution than the net's input (a latent pipeline's) are fitted to it by an integer
-factor (``quality.fit_images``), as calibration fits the pipeline's images; they are cached apart.
+factor (``core.images.fit_images``), as calibration fits the pipeline's images; they are cached apart.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ search's noises, the *held-out* ones with the gate's, so the gate judges on prom
 search never saw.
 
 A feature network sees images at its own input size: a pipeline's images of another size are fitted by an
-integer factor (``quality.fit_images``), as the reference images are.
+integer factor (``core.images.fit_images``), as the reference images are.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ class Rollouts:
 
     def features(self, net, x0: np.ndarray) -> np.ndarray:
         """Feature-network features of the images of ``x0``, fitted to the network's input size."""
-        from abcd_edge.quality import fit_images
+        from abcd_edge.core.images import fit_images
 
         return net.features(fit_images(self.images(x0), net.height, net.width))
 

@@ -44,6 +44,7 @@ from abcd_edge.runtime.plan import (RULE_MAX_STEPS, RequestPlan, auto_sampler, b
                                     resolve_sampler)
 from abcd_edge.core.placement import DIFFUSERS_PLACEMENT
 from abcd_edge.runtime.report import REPORT_SCHEMA_VERSION, RequestReport
+from abcd_edge.runtime.text_request import PipelineRequest, check_text_request
 
 COST_PREDICTOR_TOLERANCE = 0.10   # the predictor's step tail may differ this much from the profile's p99
 WARMUP_CALLS = 5           # warm-up (see _warm_up): steady when the median of the last 5 calls
@@ -59,20 +60,6 @@ class RequestInterrupted(KeyboardInterrupt):
     def __init__(self, images: np.ndarray | None, report: RequestReport | None):
         super().__init__()
         self.images, self.report = images, report
-
-
-@dataclasses.dataclass
-class PipelineRequest:
-    """A pipeline request's text side, checked: what to encode, the guidance and how it runs, the decoder."""
-
-    prompt: str | None
-    negative_prompt: str | None
-    guidance: float | None
-    branches: int             # 1: one UNet branch; 2: classifier-free guidance
-    mode: str                 # single | batch2 | split
-    decoder: str              # vae | tiny
-    decoder_component: str    # vae_decoder | vae_decoder_tiny
-    notes: list[str]
 
 
 class AnytimeRuntime:
@@ -285,41 +272,9 @@ class AnytimeRuntime:
     def pipeline_request(self, prompt: str | None = None, negative_prompt: str | None = None,
                          guidance: float | None = None, decoder: str | None = None) -> PipelineRequest | None:
         """Check a request's text-side arguments: None for a pixel artifact (which refuses them)."""
-        if self.pipeline is None:
-            given = [name for name, v in (("prompt", prompt), ("negative prompt", negative_prompt),
-                                          ("guidance", guidance), ("decoder", decoder)) if v is not None]
-            if given:
-                raise UserError(f"artifact {self.artifact_dir or self.manifest.name!r} is a pixel-space "
-                                f"{self.manifest.model_kind} model: it takes no {', '.join(given)} (only "
-                                "text-to-image pipeline artifacts do)")
-            return None
-        pl = self.pipeline
-        notes: list[str] = []
-        if not pl.text and (prompt is not None or negative_prompt is not None):
-            raise UserError(f"artifact {self.artifact_dir or self.manifest.name!r} has no text encoder (an "
-                            "unconditional latent pipeline): it takes no prompt")
-        for name, v in (("prompt", prompt), ("negative prompt", negative_prompt)):
-            if v is not None and not isinstance(v, str):
-                raise UserError(f"the {name} must be text, got {type(v).__name__}")
-        if guidance is not None:
-            if not pl.text:
-                raise UserError("guidance needs a text encoder; this latent pipeline is unconditional")
-            if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not np.isfinite(guidance) \
-                    or guidance < 1.0:
-                raise UserError(f"guidance {guidance!r} must be a number >= 1 (1: no classifier-free guidance)")
-        w = float(guidance) if guidance is not None else (pl.default_guidance if pl.text else None)
-        if pl.text and prompt is None:
-            prompt = ""
-            notes.append('no prompt given: the empty prompt "" (unconditional sampling)')
-        branches = pl.branches(w) if w is not None else 1
-        if negative_prompt is not None and branches == 1:
-            notes.append("the negative prompt is not used: " + (
-                "an LCM UNet runs one branch (guidance enters as an embedding)" if pl.lcm else
-                "guidance 1 runs the conditional branch only"))
-        dec = decoder or "vae"
-        mode = "single" if branches == 1 else self.profile.pipeline.guidance_mode
-        return PipelineRequest(prompt=prompt, negative_prompt=negative_prompt, guidance=w, branches=branches,
-                               mode=mode, decoder=dec, decoder_component=pl.decoder_component(dec), notes=notes)
+        mode = self.profile.pipeline.guidance_mode if self.profile.pipeline is not None else "single"
+        return check_text_request(self.pipeline, mode, self.manifest, str(self.artifact_dir or self.manifest.name),
+                                  prompt, negative_prompt, guidance, decoder)
 
     def _controller_for(self, req: PipelineRequest | None):
         """The controller that plans this request: a pipeline's only at the guidance it was calibrated and

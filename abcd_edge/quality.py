@@ -86,8 +86,8 @@ class FeatureNet:
         out_shape = next(o.shape for o in outputs if o.name == self.output_name)
         self.dim = out_shape[1] if isinstance(out_shape[1], int) else int(self.config.get("feature_dim", 0))
 
-    def features(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
-        """uint8 RGB images [N, H, W, 3] (0..255) -> float64 features [N, D]."""
+    def _checked(self, images: np.ndarray) -> np.ndarray:
+        """uint8 RGB images [N, H, W, 3] (or one [H, W, 3]) at the net's input size, else a one-line UserError."""
         images = np.asarray(images)
         if images.dtype != np.uint8:
             raise UserError(f"feature net takes uint8 images [N, H, W, 3], got dtype {images.dtype} "
@@ -99,6 +99,11 @@ class FeatureNet:
         if isinstance(self.height, int) and (images.shape[1], images.shape[2]) != (self.height, self.width):
             raise UserError(f"feature net was trained on {self.height}x{self.width} images, "
                             f"got {images.shape[1]}x{images.shape[2]}")
+        return images
+
+    def features(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
+        """uint8 RGB images [N, H, W, 3] (0..255) -> float64 features [N, D]."""
+        images = self._checked(images)
         parts = [np.empty((0, self.dim), np.float64)]
         for i in range(0, len(images), max(1, int(batch))):
             x = np.ascontiguousarray(images[i:i + batch].transpose(0, 3, 1, 2))
@@ -125,16 +130,7 @@ class FeatureNet:
             raise UserError(f"feature net {self.path} has no prediction heads (outputs: {outputs}); "
                             f"prompt accuracy needs one exported with {', '.join(HEAD_OUTPUTS)} outputs, "
                             f"e.g. export/featurenet128 (python -m abcd_edge.demo.featurenet --resolution 128)")
-        images = np.asarray(images)
-        if images.dtype != np.uint8:
-            raise UserError(f"feature net takes uint8 images [N, H, W, 3], got dtype {images.dtype}")
-        if images.ndim == 3:
-            images = images[None]
-        if images.ndim != 4 or images.shape[3] != 3:
-            raise UserError(f"feature net takes images [N, H, W, 3], got shape {images.shape}")
-        if isinstance(self.height, int) and (images.shape[1], images.shape[2]) != (self.height, self.width):
-            raise UserError(f"feature net was trained on {self.height}x{self.width} images, "
-                            f"got {images.shape[1]}x{images.shape[2]}")
+        images = self._checked(images)
         shapes = {o.name: o.shape for o in self.session.get_outputs()}
         parts: dict[str, list[np.ndarray]] = {name: [np.empty((0, shapes[name][1]), np.float64)]
                                               for name in HEAD_OUTPUTS}

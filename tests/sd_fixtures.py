@@ -29,24 +29,13 @@ TIME_COND_PROJ_DIM = 16
 WORDS = ("a", "photo", "of", "cat", "dog", "the", "red", "car", "on", "mars", "astronaut", "riding", "horse")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's reversible byte -> printable unicode character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def write_clip_tokenizer(folder: Path, model_max_length: int = SD_MAX_LENGTH) -> int:
     """A small CLIP BPE tokenizer as SD folders ship it (vocab.json, merges.txt, tokenizer_config.json,
     special_tokens_map.json; no tokenizer.json). Returns the vocabulary size."""
     folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
+    from abcd_edge.demo.latent.tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for tok in chars + [c + "</w>" for c in chars]:
         vocab.setdefault(tok, len(vocab))

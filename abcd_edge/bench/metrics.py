@@ -52,13 +52,7 @@ class Quality:
         except UserError as exc:
             return None, f"feature-FID not measured: {exc}"
         fitted = "" if side == resolution else f", {resolution}x{resolution} images fitted to its {side}x{side}"
-        exact = None
-        if net.has_heads:
-            from abcd_edge.quality import score_prompts
-
-            def exact(images: np.ndarray, prompts: list[str]) -> np.ndarray:
-                pred = net.predict(fit_images(images, side, side))
-                return score_prompts(pred, prompts, net.labels, resamples=1).per_image
+        exact = _prompt_exact(net, side) if net.has_heads else None
         return cls(lambda images: net.features(fit_images(images, side, side)), ref.fid_to_reference,
                    f"feature-FID (evaluation net {paths.portable(Path(net_dir))} sha256 {net.sha256[:12]}{fitted}, "
                    f"reference: generator data seed {ref_seed}, n={ref_n})", exact), ""
@@ -69,6 +63,15 @@ class Quality:
         """:meth:`default` for the images an artifact makes (a pipeline's: its decoded image side)."""
         side = int(manifest.pipeline["image"]["resolution"]) if manifest.pipeline else int(manifest.resolution)
         return cls.default(side, ref_seed, ref_n, net_dir or paths.feature_net_dir("evaluation", side))
+
+
+def _prompt_exact(net, side: int) -> Callable[[np.ndarray, list[str]], np.ndarray]:
+    """Whether each image (fitted to the net's side) shows what its prompt names, by the net's heads."""
+    from abcd_edge.quality import fit_images, score_prompts
+
+    def exact(images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        return score_prompts(net.predict(fit_images(images, side, side)), prompts, net.labels, resamples=1).per_image
+    return exact
 
 
 # ------------------------------------------------------------------------------------ pure functions

@@ -95,6 +95,32 @@ def save_torch(obj, path: Path) -> None:
         torch.save(obj, p)
 
 
+def resume(ckpt: Path, modules: dict, opt, label: str) -> dict | None:
+    """Load a stage's checkpoint (``state.json``, ``<name>.safetensors`` per module, ``optim.pt``) into
+    ``modules`` and ``opt``; its state dict, or None when there is none yet."""
+    import torch
+
+    state_file = ckpt / "state.json"
+    if not state_file.exists():
+        return None
+    state = json.loads(state_file.read_text())
+    for name, module in modules.items():
+        load_state_dict(module, ckpt / f"{name}.safetensors")
+    opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
+    print(f"{label}: resumed at step {state['step']} ({state['wall_s'] / 60:.1f} min so far)", flush=True)
+    return state
+
+
+def finished(stage_file: Path, step: int, steps: int, output: Path, label: str) -> dict | None:
+    """The stage's record when it already ran all ``steps`` and wrote ``output``; else None."""
+    if step >= steps and stage_file.is_file() and output.is_file():
+        done = json.loads(stage_file.read_text())
+        if done.get("steps") == step:
+            print(f"{label}: done ({step} steps, {output.parent})", flush=True)
+            return done
+    return None
+
+
 def ema_update(ema, model, step: int, max_decay: float) -> None:
     """EMA with warm-up: decay min(max_decay, (1 + step) / (10 + step))."""
     import torch

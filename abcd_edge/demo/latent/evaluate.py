@@ -16,7 +16,6 @@ over images) and prompt accuracy from its heads (``quality.prompt_accuracy``). W
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

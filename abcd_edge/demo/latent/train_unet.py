@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from abcd_edge.demo.latent import models
-from abcd_edge.demo.latent.common import (Options, Progress, ema_update, load_state_dict, save_state_dict, save_torch,
+from abcd_edge.demo.latent.common import (Options, Progress, ema_update, finished, resume, save_state_dict, save_torch,
                                           sha256_file, write_json)
 from abcd_edge.demo.latent.pool import pool
 from abcd_edge.demo.latent.tokenizer import load_tokenizer, write_tokenizer
@@ -107,19 +107,13 @@ def train_unet(work: Path, out: Path, opts: Options, cfg: dict, command: str) ->
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=opts.unet_lr, weight_decay=0.0)
     step, wall, hist = 0, 0.0, {"loss": [], "mse": []}
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
+    state = resume(ckpt, {"unet": unet, "text_encoder": text, "ema_unet": ema_unet,
+                          "ema_text_encoder": ema_text}, opt, "unet")
+    if state is not None:
         step, wall, hist = state["step"], state["wall_s"], state["history"]
-        for module, name in ((unet, "unet"), (text, "text_encoder"), (ema_unet, "ema_unet"),
-                             (ema_text, "ema_text_encoder")):
-            load_state_dict(module, ckpt / f"{name}.safetensors")
-        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
-        print(f"unet: resumed at step {step} ({wall / 60:.1f} min so far)", flush=True)
-    if step >= steps and stage_file.is_file() and (out / "model_index.json").is_file():
-        done = json.loads(stage_file.read_text())
-        if done.get("steps") == step:
-            print(f"unet: done ({step} steps, {out})", flush=True)
-            return done
+    done = finished(stage_file, step, steps, out / "model_index.json", "unet")
+    if done is not None:
+        return done
 
     images, caps = pool(work, opts.unet_images, res, progress=opts.progress)
     mean, std = encoded_latents(work, vae, images, opts.progress)

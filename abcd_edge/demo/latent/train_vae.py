@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from abcd_edge.demo.latent import models
-from abcd_edge.demo.latent.common import (Options, Progress, load_state_dict, save_state_dict, save_torch,
+from abcd_edge.demo.latent.common import (Options, Progress, finished, resume, save_state_dict, save_torch,
                                           write_json)
 from abcd_edge.demo.latent.pool import held_out, pool
 
@@ -127,17 +127,12 @@ def train_vae(work: Path, opts: Options, cfg: dict, command: str) -> dict:
     opt = torch.optim.AdamW(vae.parameters(), lr=opts.vae_lr, weight_decay=0.0)
     step, wall, hist = 0, 0.0, {"loss": [], "l1": [], "kl": []}
     evals: list[dict] = []
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
+    state = resume(ckpt, {"model": vae}, opt, "vae")
+    if state is not None:
         step, wall, hist, evals = state["step"], state["wall_s"], state["history"], state["evals"]
-        load_state_dict(vae, ckpt / "model.safetensors")
-        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
-        print(f"vae: resumed at step {step} ({wall / 60:.1f} min so far)", flush=True)
-    if step >= steps and stage_file.is_file() and (final / "config.json").is_file():
-        done = json.loads(stage_file.read_text())
-        if done.get("steps") == step:
-            print(f"vae: done ({step} steps, {final})", flush=True)
-            return done
+    done = finished(stage_file, step, steps, final / "config.json", "vae")
+    if done is not None:
+        return done
 
     images, _ = pool(work, opts.vae_images, res, progress=opts.progress)
     data = torch.from_numpy(images)

@@ -6,7 +6,7 @@ CLI := $(VENV)/bin/abcd-edge
 STAMP := $(VENV)/.installed
 
 .PHONY: install run test export profile calibrate calibrate-ays bench bench-runtime bench-schedules demo-model demo-latent featurenet evalnet evaluate-demo clean
-.PHONY: featurenet128 evalnet128
+.PHONY: featurenet128 evalnet128 demo-latent-lcm export-latent profile-latent calibrate-latent evaluate-latent bench-latent
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,14 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-## the main job on the embedded default (torch-free runtime): out/run.png + out/run.json
+## the main job (torch-free runtime): a prompt to the latent demo's consistency twin (export/demo-latent-lcm, its
+## committed profile and controller) within 150 ms -> out/run.png + out/run.json. The pixel demo: `make run-pixel`.
+EXAMPLE_PROMPT = $(shell cat export/demo-latent-prompts/example.txt)
 run: $(STAMP)
-	$(CLI) run --budget 150ms --out out/run.png --report out/run.json
+	$(CLI) run --prompt "$(EXAMPLE_PROMPT)" --budget 150ms --out out/run.png --report out/run.json
+
+run-pixel: $(STAMP)
+	$(CLI) run --budget 150ms --out out/run-pixel.png --report out/run-pixel.json
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -27,10 +32,10 @@ test: $(STAMP)
 demo-model: $(STAMP)
 	$(PY) -m abcd_edge.demo.train --out export/demo-model --steps 6000
 
-## train the latent text-to-image demo (StableDiffusionPipeline layout, resumable, one thread; about 2 h on one core):
+## train the latent text-to-image demo (StableDiffusionPipeline layout, resumable; about 1.5 h on 2 cores):
 ## VAE then text encoder + UNet, checkpoints in export/.demo-latent-work/ -> export/demo-latent-model/
 demo-latent: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m abcd_edge.demo.latent.train --stage all --work export/.demo-latent-work --out export/demo-latent-model --vae-steps 2000 --unet-steps 3600 --threads 1
+	OMP_NUM_THREADS=2 $(PY) -m abcd_edge.demo.latent.train --stage all --work export/.demo-latent-work --out export/demo-latent-model --vae-steps 2000 --unet-steps 3000 --threads 2
 
 ## the quality feature network and its committed reference statistics (generator seed 4321, 2048 images)
 featurenet: $(STAMP)
@@ -50,8 +55,37 @@ featurenet128: $(STAMP)
 	$(PY) -m abcd_edge.demo.reference --seed 4321 --n 2048 --resolution 128 --featurenet export/featurenet128
 
 evalnet128: $(STAMP)
-	$(PY) -m abcd_edge.demo.featurenet --out export/evalnet128 --resolution 128 --images 30000 --heldout 2000 --steps 2800 --batch 128 --lr 0.002 --threads 1 --seed 1 --widths 24,48,96,192 --depths 1,2,1,1
+	$(PY) -m abcd_edge.demo.featurenet --out export/evalnet128 --resolution 128 --images 12000 --heldout 2000 --steps 1400 --batch 128 --lr 0.002 --threads 1 --seed 1 --widths 24,48,96,192 --depths 1,2,1,1
 	$(PY) -m abcd_edge.demo.reference --seed 8765 --n 2048 --resolution 128 --featurenet export/evalnet128
+
+## its consistency twin: LCM distillation from the base (guidance baked in through timestep_cond; resumable)
+demo-latent-lcm: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) -m abcd_edge.demo.latent.distill --base export/demo-latent-model --out export/demo-latent-lcm-model --work export/.demo-latent-work/distill --steps 1200 --images 8000 --threads 2
+
+## the latent demo and its twin as ONNX artifacts (the twin's is committed: the main job; the base's is made here for
+## evaluate-latent), this machine's two CPU tiers for the twin, its controller
+LATENT_PROMPTS := export/demo-latent-prompts
+export-latent: $(STAMP)
+	$(CLI) export --model export/demo-latent-model --out export/demo-latent
+	$(CLI) export --model export/demo-latent-lcm-model --out export/demo-latent-lcm
+
+profile-latent: $(STAMP)
+	$(CLI) profile --artifact export/demo-latent-lcm --threads 2 --runs 200 --out profiles/demo-latent-lcm-cpu-2t.json --force
+	$(CLI) profile --artifact export/demo-latent-lcm --threads 1 --runs 200 --out profiles/demo-latent-lcm-cpu-1t.json --force
+
+calibrate-latent: $(STAMP)
+	$(CLI) calibrate --artifact export/demo-latent-lcm --profile profiles/demo-latent-lcm-cpu-2t.json --profile profiles/demo-latent-lcm-cpu-1t.json --prompts $(LATENT_PROMPTS)/calibration.txt --search-noises 64
+
+## FID and prompt accuracy vs steps (512 held-out prompts, evaluation net) + prompts x steps grids
+evaluate-latent: $(STAMP)
+	$(PY) -m abcd_edge.demo.latent.evaluate --artifact export/demo-latent --steps 5,10,20,50 --samples 512 --out export/demo-latent-model
+	$(PY) -m abcd_edge.demo.latent.evaluate --artifact export/demo-latent-lcm --steps 1,2,4,6 --samples 512 --out export/demo-latent-lcm-model
+
+## the seed's headline row (consistency 6 steps, 128x128, 150 ms, real CPU tiers) and easy vs hard prompts at rho < 1
+LATENT_TIERS := profiles/demo-latent-lcm-cpu-2t.json,profiles/demo-latent-lcm-cpu-1t.json
+bench-latent: $(STAMP)
+	$(CLI) bench --artifact export/demo-latent-lcm --profiles $(LATENT_TIERS) --batch 1 --budgets 150ms --samplers lcm --max-steps 6 --quality 1 --methods uniform,karras,logsnr,stepdrop,buco-mwg,abcd --seeds 4 --samples 256 --teacher-steps 50 --prompts $(LATENT_PROMPTS)/bench.txt --out bench/latent-headline
+	$(CLI) bench --artifact export/demo-latent-lcm --profiles profiles/demo-latent-lcm-cpu-2t.json --batch 1 --budgets 150ms --samplers lcm --max-steps 6 --quality 1,0.6 --methods uniform,abcd --seeds 4 --samples 512 --teacher-steps 50 --prompts easy=$(LATENT_PROMPTS)/easy.txt,hard=$(LATENT_PROMPTS)/hard.txt --out bench/latent-easy-hard
 
 ## the evidence that the demo model is real: feature-FID vs steps + sample grid
 evaluate-demo: $(STAMP)

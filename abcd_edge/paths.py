@@ -15,6 +15,8 @@ EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"   # in a wheel: the 
 DEMO_ARTIFACT_DIR = (EXPORT_DIR / "demo"        # denoiser.onnx + manifest.json (torch-free side) in a checkout,
                      if (EXPORT_DIR / "demo" / "manifest.json").is_file()
                      else EMBEDDED_DIR / "demo")  # else the bundle the wheel ships (+ profiles/, controller/)
+DEMO_LATENT_ARTIFACT_DIR = EXPORT_DIR / "demo-latent-lcm"   # the prompt demo (`run --prompt` without --artifact):
+                                                # the latent demo's consistency twin, exported (issue 16)
 FEATURENET_DIR = EXPORT_DIR / "featurenet"      # featurenet.onnx + weights: what calibration optimises
 EVALNET_DIR = EXPORT_DIR / "evalnet"            # another seed and architecture: what judges (bench, gate)
 CALIBRATION_REF_SEED = 4321                     # generator data seed of the calibration net's reference

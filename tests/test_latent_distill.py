@@ -71,6 +71,7 @@ def test_tiny_distillation_resumes_and_the_twin_loads_and_exports(tiny_sd_dir, t
     distill.main(args + ["--steps", "4"])                 # resumes: two more steps, not four
     info = json.loads((tmp_path / "twin" / "training.json").read_text())
     assert first["steps"] == 2 and info["steps"] == 4
+    assert "4 steps, batch 4" in (tmp_path / "twin" / "README.md").read_text()
     ckpt = torch.load(tmp_path / "work" / "distill.ckpt.pt", weights_only=False)
     assert len(ckpt["losses"]) == 4 and all(np.isfinite(ckpt["losses"]))
     pipe = LatentConsistencyModelPipeline.from_pretrained(tmp_path / "twin", safety_checker=None)

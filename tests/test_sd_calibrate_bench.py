@@ -139,6 +139,20 @@ def test_calibrate_the_lcm_pipeline(tiny_lcm_artifact, nets, tmp_path):
     assert rep["sampler"] == "lcm" and rep["steps"] <= 8 and rep["controller"] == str(tmp_path / "cal")
 
 
+def test_a_prompt_without_artifact_goes_to_the_latent_demo(tiny_lcm_artifact, tmp_path, monkeypatch):
+    """`run --prompt` alone answers with the text-to-image demo (make run); without a prompt, the pixel demo."""
+    prof = _profile(tiny_lcm_artifact, tmp_path / "lcm.json")
+    monkeypatch.setattr(paths, "DEMO_LATENT_ARTIFACT_DIR", tiny_lcm_artifact)
+    res = cli("run", "--profile", prof, "--threads", 1, "--budget", "300ms", "--prompt", PROMPTS[1],
+              "--out", tmp_path / "o.png", "--report", tmp_path / "o.json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "o.json").read_text())
+    assert rep["artifact"] == str(tiny_lcm_artifact) and rep["sampler"] == "lcm"
+    res = cli("run", "--artifact", paths.DEMO_ARTIFACT_DIR, "--profile", prof, "--budget", "300ms", "--prompt", "x",
+              "--out", tmp_path / "p.png", "--report", tmp_path / "p.json")
+    one_line_error(res, "pixel-space")                                 # an explicit --artifact is kept
+
+
 # ------------------------------------------------------------------------------------ bench
 def test_bench_a_pipeline_through_the_cli(sd_setup, nets, tmp_path):
     art, prof, cal = sd_setup
@@ -215,7 +229,7 @@ def test_bench_prompt_sets_prompt_accuracy_and_the_seed_claims(sd_setup, headed_
     assert summary["seed_claims"] and summary["seed_claims"][0]["setting"].endswith("300ms ddim")
     md = (out / "summary.md").read_text()
     assert "## Prompt accuracy of on-time images" in md and "## Prompt sets: steps spent" in md
-    assert "+12 pp" in md and "-13 %" in md
+    assert "+12 pp" in md and "-13 %" in md and "capped at 3 steps" in md
     one_line_error(cli("bench", "--artifact", art, "--profiles", f"real:{prof}", "--batch", 1, "--prompts",
                        f"easy={tmp_path / 'easy.txt'},easy={tmp_path / 'hard.txt'}", "--out", tmp_path / "b2"),
                    "labels repeat")
@@ -306,3 +320,25 @@ def test_prompt_sets_hold_out_every_other_line(tmp_path):
     f.write_text("only one\n")
     with pytest.raises(UserError, match="at least 2"):
         PromptSets.from_file(f)
+
+
+def test_latent_evaluate_writes_its_table_grid_and_readme_section(tiny_lcm_artifact, headed_net, tmp_path):
+    """`python -m abcd_edge.demo.latent.evaluate` (make evaluate-latent) on the tiny LCM artifact: FID with a CI
+    and prompt accuracy per step count, the prompts x steps grid, its README section replaced on a rerun."""
+    from PIL import Image
+
+    from abcd_edge.demo.latent import evaluate
+
+    (tmp_path / "README.md").write_text("# model\n\ntraining notes\n")
+    args = ["--artifact", str(tiny_lcm_artifact), "--steps", "1,2", "--samples", "8", "--net", str(headed_net),
+            "--threads", "1", "--out", str(tmp_path)]
+    evaluate.main(args)
+    evaluate.main(args)
+    rec = json.loads((tmp_path / "evaluation.json").read_text())
+    assert [r["steps"] for r in rec["rows"]] == [1, 2] and rec["samples"] == 8 and rec["sampler"] == "lcm"
+    for r in rec["rows"]:
+        assert r["fid_ci95"][0] <= r["fid_ci95"][1] and 0.0 <= r["prompt_accuracy"]["exact"] <= 1.0
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith("# model\n\ntraining notes\n") and readme.count(evaluate.BEGIN) == 1
+    assert "| 2 |" in readme and "Chance:" in readme
+    assert Image.open(tmp_path / "evaluation.png").size == (2 * 16, evaluate.GRID_PROMPTS * 16)

@@ -151,7 +151,7 @@ def render_summary(cells: list[dict], meta: dict, preds: list[dict], wins: list[
         L.append(f"| {w['baseline']} | {w['settings']} | {_fmt(w['wins'], True)} | {_fmt(w['losses'], True)} | "
                  f"{_fmt(w['mixed'], True)} |")
     L.append("")
-    L += _claims_section(claims) + _prompt_sets_section(sets)
+    L += _claims_section(claims, spec.get("max_steps")) + _prompt_sets_section(sets)
     L.append("## The issue's goals")
     L.append("")
     if gl["success_goal"]:
@@ -243,7 +243,7 @@ def _summarize(out: Path, quality, log) -> Path:
     return out / "summary.md"
 
 
-def _claims_section(claims: list[dict]) -> list[str]:
+def _claims_section(claims: list[dict], max_steps: int | None = None) -> list[str]:
     """The abstract's headline claims (deadline adherence +12 pp, FID -13 % vs a fixed-step sampler) beside what
     this grid measured: ABCD at rho = 1 against the time-uniform fixed-step baseline, per real-tier setting."""
     if not claims:
@@ -251,7 +251,9 @@ def _claims_section(claims: list[dict]) -> list[str]:
     L = ["## The seed's claims beside what was measured", "",
          f"The abstract claims ABCD raises deadline adherence by {SEED_CLAIMS['success_pp']:+.0f} pp (88 % -> 96 %) "
          f"and changes FID by {SEED_CLAIMS['fid_rel']:+.0%} against a fixed-step sampler; never measured by anyone. "
-         "Here: ABCD at rho = 1 vs `uniform` (time-uniform, K steps that fit at the profile's p99), on-time images.",
+         "Here: ABCD at rho = 1 vs `uniform` (time-uniform, K steps that fit at the profile's p99), on-time images"
+         + (f"; every plan capped at {max_steps} steps (the abstract's Consistency-{max_steps} setting is a "
+            f"consistency sampler at {max_steps} steps)." if max_steps else "."),
          "", "| setting | success ABCD / uniform | Δ success (claim +12 pp) | FID ABCD / uniform | Δ FID (claim -13 %) "
          "| prompt accuracy ABCD / uniform |", "| --- | --- | --- | --- | --- | --- |"]
     for c in claims:

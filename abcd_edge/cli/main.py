@@ -101,7 +101,8 @@ def info(as_json: bool) -> None:
               help=f"Exit {EXIT_DEADLINE_MISSED} when any request missed its deadline (the answer is still "
                    "written); without it a late answer exits 0.")
 @click.option("--prompt", default=None,
-              help="Text-to-image artifacts: the prompt (default \"\"). Longer than the tokenizer's limit (77 tokens "
+              help="Text-to-image artifacts: the prompt (default \"\"); without --artifact, the shipped latent demo "
+                   "(export/demo-latent-lcm, 128x128) answers it. Longer than the tokenizer's limit (77 tokens "
                    "for CLIP) it is truncated, with a note in the report.")
 @click.option("--prompt-file", default=None, type=click.Path(),
               help="Read the prompt from a UTF-8 text file (surrounding whitespace stripped) instead of --prompt.")
@@ -149,6 +150,9 @@ def run(ctx, budget, rho, sampler, placement, seed, batch, artifact, profile, co
     if Path(out).absolute() == Path(report).absolute():
         raise UserError(f"--report {report!r} is the --out image's path; give the report its own file")
     check_precision(precision)
+    if ((prompt is not None or prompt_file is not None) and paths.DEMO_LATENT_ARTIFACT_DIR.is_dir()
+            and ctx.get_parameter_source("artifact") == click.core.ParameterSource.DEFAULT):
+        artifact = str(paths.DEMO_LATENT_ARTIFACT_DIR)     # a prompt without --artifact: the text-to-image demo
     text = _text_request(artifact, prompt, prompt_file, negative_prompt, guidance, decoder)
     session = dict(artifact_dir=artifact, profile=profile, controller=controller, backend=backend, threads=threads,
                    power=power, precision=precision)

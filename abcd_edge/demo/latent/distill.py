@@ -171,6 +171,24 @@ def save_twin(base: Path, student, out: Path, info: dict) -> None:
         index.pop("image_encoder", None)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / "README.md").write_text(twin_readme(info))
+
+
+def twin_readme(info: dict) -> str:
+    """The twin's README: what it is, how it was distilled (from ``training.json``)."""
+    return "\n".join([
+        "# abcd-edge latent demo: the consistency twin", "",
+        "The base latent demo (`export/demo-latent-model`) distilled for 1-8 steps: LCM-style latent consistency "
+        "distillation, guidance baked in through `timestep_cond`, the base's text encoder, tokenizer and VAE "
+        "unchanged, an `LCMScheduler`.", "",
+        "    from diffusers import LatentConsistencyModelPipeline",
+        "    pipe = LatentConsistencyModelPipeline.from_pretrained(folder, safety_checker=None)",
+        "    abcd-edge export --model <folder> --out <artifact>", "",
+        "## Distillation (`make demo-latent-lcm`)", "",
+        f"`{info['command']}`: {info['method']}; {info['steps']} steps, batch {info['batch']}, lr {info['lr']}, "
+        f"target EMA {info['ema']}, guidance w drawn from {info['w_range']}, {info['images']} training images "
+        f"(data seed {info['data_seed']}), {info['wall_minutes']} min on {info['threads']} thread(s); last-100 mean "
+        f"loss {info['final_loss_mean_last_100']}. Recorded in `training.json`.", ""])
 
 
 def main(argv=None) -> None:

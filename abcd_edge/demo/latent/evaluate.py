@@ -6,7 +6,8 @@ prompt i = the i-th caption of the shipped prompt set (``demo.captions.prompt_se
 trained on), noise from a fixed seed (the same noise and prompts at every step count). Judged by the evaluation
 feature net (never what calibration optimises): feature-FID against its reference statistics (95 % bootstrap CI
 over images) and prompt accuracy from its heads (``quality.prompt_accuracy``). Writes ``evaluation.json`` and
-``samples.png`` (rows: prompts; columns: step counts) into ``--out``:
+``evaluation.png`` (rows: prompts; columns: step counts) into ``--out``, and the table into its README.md (between
+the evaluation markers, replaced on a rerun):
 
     python -m abcd_edge.demo.latent.evaluate --artifact export/demo-latent --steps 5,10,20,50 \\
         --out export/demo-latent-model
@@ -121,6 +122,40 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+BEGIN, END = "<!-- evaluation: written by abcd_edge.demo.latent.evaluate -->", "<!-- /evaluation -->"
+
+
+def readme_section(record: dict) -> str:
+    """The README's evaluation section: how it was measured, the table, chance, the grid."""
+    j, ch = record["judge"], record["chance"]
+    return "\n".join([
+        BEGIN, "## Quality vs steps (`make evaluate-latent`)", "",
+        f"`{record['command']}` ({record['wall_minutes']} min): {record['samples']} images per row, sampler "
+        f"{record['sampler']} at {record['placement']}, guidance {record['guidance']}; prompts "
+        f"{record['prompts']}; noise seed {record['noise_seed']}. Judge: `{j['net']}` (the evaluation net, never "
+        f"what calibration optimises), reference statistics of {j['reference_n']} generator images (seed "
+        f"{j['reference_seed']}); FID CI: bootstrap over images. Prompt accuracy: the share of images whose "
+        "predicted shape kinds, colours and count all match the prompt (and per attribute).", "",
+        markdown(record).rstrip(), "",
+        f"Chance: answering the commonest (kinds, colours, count) of the prompts is exact for "
+        f"{ch['exact_commonest_answer']:.3f}; the commonest count alone for {ch['count_commonest']:.3f}.", "",
+        "`evaluation.png`: rows are the first prompts, columns the step counts, same noise per row.", END, ""])
+
+
+def write_readme_section(folder: Path, record: dict) -> None:
+    """Replace (or append) the evaluation section of ``folder/README.md`` atomically."""
+    from abcd_edge.io import write_bytes_atomic
+
+    path = folder / "README.md"
+    text = path.read_text() if path.is_file() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + readme_section(record) + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + readme_section(record)
+    write_bytes_atomic(path, text.encode())
+
+
 def main(argv=None) -> None:
     from abcd_edge.core.images import save_png
 
@@ -145,9 +180,11 @@ def main(argv=None) -> None:
     record["command"] = "python -m abcd_edge.demo.latent.evaluate " + " ".join(argv or __import__("sys").argv[1:])
     a.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(a.out / "evaluation.json", record)
-    save_png(grid, a.out / "samples.png", scale=1, cols=len(steps))
+    save_png(grid, a.out / "evaluation.png", scale=1, cols=len(steps))
+    write_readme_section(a.out, record)
     print(markdown(record), end="")
-    print(f"-> {a.out / 'evaluation.json'}, {a.out / 'samples.png'} (rows: prompts, columns: {a.steps} steps)")
+    print(f"-> {a.out / 'evaluation.json'}, {a.out / 'evaluation.png'} (rows: prompts, columns: {a.steps} steps), "
+          f"{a.out / 'README.md'}")
 
 
 if __name__ == "__main__":

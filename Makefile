@@ -81,10 +81,11 @@ evaluate-latent: $(STAMP)
 	$(PY) -m abcd_edge.demo.latent.evaluate --artifact export/demo-latent --steps 5,10,20,50 --samples 512 --out export/demo-latent-model
 	$(PY) -m abcd_edge.demo.latent.evaluate --artifact export/demo-latent-lcm --steps 1,2,4,6 --samples 512 --out export/demo-latent-lcm-model
 
-## the seed's headline row (consistency 6 steps, 128x128, 150 ms, real CPU tiers) and easy vs hard prompts at rho < 1
+## the seed's headline row (consistency 6 steps, 128x128, 150 ms, real CPU tiers; 60 ms where the budget binds)
+## and easy vs hard prompts at rho < 1
 LATENT_TIERS := profiles/demo-latent-lcm-cpu-2t.json,profiles/demo-latent-lcm-cpu-1t.json
 bench-latent: $(STAMP)
-	$(CLI) bench --artifact export/demo-latent-lcm --profiles $(LATENT_TIERS) --batch 1 --budgets 150ms --samplers lcm --max-steps 6 --quality 1 --methods uniform,karras,logsnr,stepdrop,buco-mwg,abcd --seeds 4 --samples 256 --teacher-steps 50 --prompts $(LATENT_PROMPTS)/bench.txt --out bench/latent-headline
+	$(CLI) bench --artifact export/demo-latent-lcm --profiles $(LATENT_TIERS) --batch 1 --budgets 60ms,150ms --samplers lcm --max-steps 6 --quality 1 --methods uniform,karras,logsnr,stepdrop,buco-mwg,abcd --seeds 4 --samples 256 --teacher-steps 50 --prompts $(LATENT_PROMPTS)/bench.txt --out bench/latent-headline
 	$(CLI) bench --artifact export/demo-latent-lcm --profiles profiles/demo-latent-lcm-cpu-2t.json --batch 1 --budgets 150ms --samplers lcm --max-steps 6 --quality 1,0.6 --methods uniform,abcd --seeds 4 --samples 512 --teacher-steps 50 --prompts easy=$(LATENT_PROMPTS)/easy.txt,hard=$(LATENT_PROMPTS)/hard.txt --out bench/latent-easy-hard
 
 ## the evidence that the demo model is real: feature-FID vs steps + sample grid

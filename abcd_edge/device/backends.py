@@ -70,7 +70,7 @@ class OrtComponent:
     :class:`OrtDenoiser`); one call at a time per instance, abandonable from another thread."""
 
     def __init__(self, onnx_path: str | Path, backend: str = "ort-cpu", threads: int | None = None,
-                 provider_options: dict | None = None):
+                 provider_options: dict | None = None, spinning: bool = True):
         import onnxruntime as ort
 
         reason = backend_unavailable_reason(backend)
@@ -85,6 +85,9 @@ class OrtComponent:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if not spinning:    # one of several sessions taking turns on the same cores (a pipeline's components):
+            # an idle session's workers would spin on the cores the next component needs
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         provider = _ORT_PROVIDERS[backend]
         providers = [(provider, provider_options or {})]
         if backend != "ort-cpu":
@@ -284,7 +287,8 @@ def open_denoiser(artifact_dir: str | Path, backend: str = "ort-cpu", threads: i
                             f"{fp16.get('drift_max_abs', float('nan')):.3g} from fp32 (bound "
                             f"{fp16.get('bound', float('nan')):g}), so its export marked it unusable; use --precision fp32")
         name = fp16.get("file") or "denoiser.fp16.onnx"
-    return OrtDenoiser(artifact_dir / name, backend=backend, threads=threads)
+    return OrtDenoiser(artifact_dir / name, backend=backend, threads=threads,
+                       spinning=getattr(manifest, "pipeline", None) is None)
 
 
 PRECISIONS = ("fp32", "fp16")

@@ -180,6 +180,6 @@ def open_pipeline(artifact_dir: str | Path, manifest, unet, backend: str = "ort-
     encoder = (PromptEncoder(artifact_dir, manifest, backend=backend, threads=threads, precision=precision)
                if "text_encoder" in comps else None)
     decoders = {name: OrtComponent(artifact_dir / manifest.component_file(name, precision), backend=backend,
-                                   threads=threads)
+                                   threads=threads, spinning=False)
                 for name in manifest.pipeline.get("decoders", ["vae_decoder"]) if name in comps}
     return LatentPipeline(manifest, unet, encoder, decoders)

@@ -67,7 +67,7 @@ class PromptEncoder:
         self.pad_id, self.bos_id, self.eos_id = int(spec["pad_token_id"]), int(spec["bos_token_id"]), \
             int(spec["eos_token_id"])
         self.model = OrtComponent(artifact_dir / manifest.component_file("text_encoder", precision),
-                                  backend=backend, threads=threads)
+                                  backend=backend, threads=threads, spinning=False)   # shares the UNet's cores
         self.backend = backend
         self._cache: OrderedDict[str, tuple[np.ndarray, Tokenized]] = OrderedDict()
         self.cache_size = cache_size

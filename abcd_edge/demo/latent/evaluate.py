@@ -44,7 +44,7 @@ def evaluate(artifact: Path, steps: list[int], samples: int, net_dir: Path, ref_
     from abcd_edge.core.noise import NoiseSchedule
     from abcd_edge.core.placement import TimestepPlacement
     from abcd_edge.core.samplers import natural_sampler
-    from abcd_edge.demo.captions import prompt_set
+    from abcd_edge.demo.captions import PROMPT_SEED, prompt_set
     from abcd_edge.formats.manifest import load_manifest, manifest_hash
     from abcd_edge.quality import FeatureNet, ReferenceStats, feature_kid, fit_images, prompt_accuracy
     from abcd_edge.runtime.rollout import Rollouts
@@ -85,8 +85,8 @@ def evaluate(artifact: Path, steps: list[int], samples: int, net_dir: Path, ref_
         "artifact": paths.portable(artifact), "manifest_hash": manifest_hash(artifact), "sampler": sampler,
         "placement": "the model's own scheduler timesteps (diffusers)", "guidance": ro.guidance,
         "samples": samples, "noise_seed": EVAL_NOISE_SEED,
-        "prompts": "demo.captions.prompt_set('any', samples): the first captions of generator seed "
-                   "PROMPT_SEED (no model trains on it)",
+        "prompts": f"demo.captions.prompt_set('any', {samples}): the first captions of generator seed "
+                   f"{PROMPT_SEED} (no model trains on it)",
         "judge": {"net": paths.portable(net_dir), "sha256": net.sha256, "reference_seed": ref_seed,
                   "reference_n": ref_n, "image_side": side},
         "chance": chance_accuracy(), "rows": rows,

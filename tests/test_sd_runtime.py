@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from abcd_edge import paths
 from abcd_edge.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -298,8 +299,8 @@ def _bad_cases(tmp: Path, sd: Path, prof: Path) -> list[tuple[list, str]]:
     latin1.write_bytes("caf\xe9".encode("latin-1"))
     common = ["--artifact", sd, "--profile", prof, "--threads", 1]
     return [
-        (["run", "--budget", "150ms", "--prompt", "a cat"], "pixel-space"),                   # the demo artifact
-        (["run", "--budget", "150ms", "--guidance", "7"], "pixel-space"),
+        (["run", "--artifact", paths.DEMO_ARTIFACT_DIR, "--budget", "150ms", "--prompt", "a cat"], "pixel-space"),
+        (["run", "--budget", "150ms", "--guidance", "7"], "pixel-space"),     # no prompt: the pixel demo artifact
         (["run", *common, "--budget", "500ms", "--guidance", "0.5"], "--guidance 0.5"),
         (["run", *common, "--budget", "500ms", "--guidance", "nan"], "--guidance nan"),
         (["run", *common, "--budget", "500ms", "--prompt-file", latin1], "not UTF-8"),
